@@ -1,0 +1,648 @@
+"""Layers with hand-written backward passes.
+
+Every layer comes twice, side by side:
+
+* a pair of functions in the CS231n style, ``out, cache = thing_forward(x, ...)`` and
+  ``dx, dparams... = thing_backward(dout, cache)``, which hold all the mathematics; and
+* a small class that owns the parameters (``params``), their gradients (``grads``, same names),
+  any running statistics (``buffers``) and the cache between ``forward`` and ``backward``.
+
+Conventions
+-----------
+* Activations are NCHW for images and ``[N, features]`` for vectors.
+* Linear weight ``[out, in]``; Conv weight ``[C_out, C_in, kh, kw]``. A *row* is one output unit
+  over its whole fan-in (``in`` or ``C_in*kh*kw``); row sparsity lives on this axis.
+* dtype follows the parameters: a layer built in float32 takes float32 input and a float64 model
+  takes float64 input. A mismatch is an error rather than a silent upcast, because a float64
+  gradient check must never be quietly run in float32 (or the reverse).
+* ``mask`` (Linear and Conv2d): an optional array of the weight's shape. As in
+  ``torch.nn.utils.prune``, the weight itself is never edited: the forward pass uses
+  ``weight * mask`` and the weight's gradient is masked the same way.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+
+# ---------------------------------------------------------------------------------------------
+# The module system: parameters, gradients and buffers by name
+# ---------------------------------------------------------------------------------------------
+
+class Layer:
+    """Base class: named ``params``/``grads``/``buffers`` and a train/eval switch.
+
+    Composite layers list their sub-layers in ``children()``; names are joined with dots, so a
+    model's parameters read ``"0.weight"``, ``"2.conv1.weight"`` and so on.
+    """
+
+    def __init__(self):
+        self.params: dict[str, np.ndarray] = {}
+        self.grads: dict[str, np.ndarray] = {}
+        self.buffers: dict[str, np.ndarray] = {}
+        self.training = True
+
+    def forward(self, x):
+        raise NotImplementedError
+
+    def backward(self, dout):
+        raise NotImplementedError
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def children(self) -> list[tuple[str, "Layer"]]:
+        return []
+
+    def named_layers(self, prefix: str = ""):
+        """Yield ``(prefix, layer)`` for this layer and, depth first, every sub-layer."""
+        yield prefix, self
+        for name, child in self.children():
+            yield from child.named_layers(f"{prefix}{name}.")
+
+    def _collect(self, attr: str) -> dict[str, np.ndarray]:
+        return {p + k: v for p, layer in self.named_layers() for k, v in getattr(layer, attr).items()}
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """All trainable arrays by full name (the arrays themselves, not copies)."""
+        return self._collect("params")
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        """Gradients from the last ``backward``, with the same names as ``parameters()``."""
+        return self._collect("grads")
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Parameters and buffers (running statistics): everything a checkpoint must hold."""
+        return {**self.parameters(), **self._collect("buffers")}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """Copy ``state`` into this model's arrays in place; names, shapes and dtypes must match."""
+        own = self.state()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"state does not match the model: missing {missing}, unexpected {unexpected}")
+        for name, arr in own.items():
+            new = np.asarray(state[name])
+            if new.shape != arr.shape or new.dtype != arr.dtype:
+                raise ValueError(f"state[{name!r}] has shape {new.shape} and dtype {new.dtype}, "
+                                 f"expected {arr.shape} and {arr.dtype}")
+            arr[...] = new
+
+    def astype(self, dtype) -> "Layer":
+        """Convert every parameter and buffer to ``dtype`` (new arrays); returns self."""
+        for _, layer in self.named_layers():
+            for d in (layer.params, layer.buffers):
+                for k in d:
+                    d[k] = d[k].astype(dtype)
+            layer.grads = {}
+        return self
+
+    def train(self, mode: bool = True) -> "Layer":
+        for _, layer in self.named_layers():
+            layer.training = mode
+        return self
+
+    def eval(self) -> "Layer":
+        return self.train(False)
+
+
+def _check_input(x, name: str, ndim: int, dim1: int | None, dtype) -> None:
+    if not isinstance(x, np.ndarray) or x.ndim != ndim:
+        got = x.shape if isinstance(x, np.ndarray) else type(x).__name__
+        raise ValueError(f"{name} expects a {ndim}-D array, got {got}")
+    if dim1 is not None and x.shape[1] != dim1:
+        raise ValueError(f"{name} expects x.shape[1] == {dim1}, got shape {x.shape}")
+    if x.dtype != dtype:
+        raise TypeError(f"{name} expects input of dtype {np.dtype(dtype)} (the dtype of its "
+                        f"parameters), got {x.dtype}; convert the input or call model.astype()")
+
+
+def _he_normal(rng, shape, fan_in, dtype):
+    # He et al. (2015): keeps the activation variance constant through ReLU layers.
+    return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(dtype)
+
+
+def _masked(w, mask):
+    return w if mask is None else w * mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear
+# ---------------------------------------------------------------------------------------------
+
+def linear_forward(x, w, b):
+    """``out = x @ w.T + b``.
+
+    Parameters
+    ----------
+    x : ndarray [N, in]
+    w : ndarray [out, in]
+    b : ndarray [out]
+
+    Returns
+    -------
+    out : ndarray [N, out]
+    cache : (x, w)
+    """
+    return x @ w.T + b, (x, w)
+
+
+def linear_backward(dout, cache):
+    """Gradients of ``linear_forward``: ``dout [N, out]`` -> ``dx [N, in], dw [out, in], db [out]``."""
+    x, w = cache
+    return dout @ w, dout.T @ x, dout.sum(axis=0)
+
+
+class Linear(Layer):
+    """Fully connected layer, ``y = x @ (weight * mask).T + bias``.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    rng : numpy.random.Generator
+        Source of the He-normal initial weights (biases start at zero).
+    dtype : float32 (default) or float64
+    """
+
+    def __init__(self, in_features: int, out_features: int, rng=None, dtype=np.float32, bias=True):
+        super().__init__()
+        rng = np.random.default_rng(0) if rng is None else rng
+        self.in_features, self.out_features = in_features, out_features
+        self.params["weight"] = _he_normal(rng, (out_features, in_features), in_features, dtype)
+        if bias:
+            self.params["bias"] = np.zeros(out_features, dtype)
+        self.mask = None
+
+    def forward(self, x):
+        w = self.params["weight"]
+        _check_input(x, "Linear", 2, self.in_features, w.dtype)
+        b = self.params.get("bias", np.zeros((), w.dtype))
+        out, self.cache = linear_forward(x, _masked(w, self.mask), b)
+        return out
+
+    def backward(self, dout):
+        dx, dw, db = linear_backward(dout, self.cache)
+        self.grads["weight"] = _masked(dw, self.mask)
+        if "bias" in self.params:
+            self.grads["bias"] = db
+        return dx
+
+    def __repr__(self):
+        return f"Linear({self.in_features}, {self.out_features})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Conv2d through im2col
+# ---------------------------------------------------------------------------------------------
+
+def conv_output_size(size: int, k: int, stride: int, padding: int) -> int:
+    out = (size + 2 * padding - k) // stride + 1
+    if out < 1:
+        raise ValueError(f"kernel {k} with stride {stride} and padding {padding} does not fit "
+                         f"an input of size {size}")
+    return out
+
+
+def im2col(x, kh, kw, stride=1, padding=0):
+    """Unfold every receptive field of ``x`` into one row.
+
+    Parameters
+    ----------
+    x : ndarray [N, C, H, W]
+
+    Returns
+    -------
+    cols : ndarray [N*Ho*Wo, C*kh*kw]
+        Columns ordered (c, i, j), the same order as ``weight.reshape(C_out, -1)``, so one
+        weight row meets one receptive field.
+    (Ho, Wo) : output height and width
+    """
+    n, c, h, w = x.shape
+    ho, wo = conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)
+    if padding:
+        x = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    win = sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::stride, ::stride][:, :, :ho, :wo]
+    cols = win.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
+    return cols, (ho, wo)
+
+
+def col2im(dcols, x_shape, kh, kw, stride=1, padding=0):
+    """Adjoint of ``im2col``: add every row of ``dcols [N*Ho*Wo, C*kh*kw]`` back into
+    ``dx [N, C, H, W]`` (overlapping windows add up)."""
+    n, c, h, w = x_shape
+    ho, wo = conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)
+    d = dcols.reshape(n, ho, wo, c, kh, kw).transpose(0, 3, 4, 5, 1, 2)  # [N, C, kh, kw, Ho, Wo]
+    dxp = np.zeros((n, c, h + 2 * padding, w + 2 * padding), dcols.dtype)
+    # One strided add per kernel offset: kh*kw vectorised adds instead of N*Ho*Wo small ones.
+    for i in range(kh):
+        for j in range(kw):
+            dxp[:, :, i:i + stride * ho:stride, j:j + stride * wo:stride] += d[:, :, i, j]
+    return dxp[:, :, padding:padding + h, padding:padding + w] if padding else dxp
+
+
+def conv2d_forward(x, w, b, stride=1, padding=0):
+    """2-D convolution (cross-correlation, as in every DL library) via im2col and one GEMM.
+
+    Parameters
+    ----------
+    x : ndarray [N, C_in, H, W]
+    w : ndarray [C_out, C_in, kh, kw]
+    b : ndarray [C_out]
+
+    Returns
+    -------
+    out : ndarray [N, C_out, Ho, Wo]
+    cache : tuple for ``conv2d_backward``
+    """
+    c_out, _, kh, kw = w.shape
+    cols, (ho, wo) = im2col(x, kh, kw, stride, padding)
+    wmat = w.reshape(c_out, -1)
+    out = cols @ wmat.T + b                                   # [N*Ho*Wo, C_out]
+    out = out.reshape(x.shape[0], ho, wo, c_out).transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(out), (x.shape, cols, w, stride, padding)
+
+
+def conv2d_backward(dout, cache):
+    """``dout [N, C_out, Ho, Wo]`` -> ``dx [N, C_in, H, W], dw [C_out, C_in, kh, kw], db [C_out]``."""
+    x_shape, cols, w, stride, padding = cache
+    c_out, _, kh, kw = w.shape
+    d2 = dout.transpose(0, 2, 3, 1).reshape(-1, c_out)         # [N*Ho*Wo, C_out]
+    dw = (d2.T @ cols).reshape(w.shape)
+    db = d2.sum(axis=0)
+    dx = col2im(d2 @ w.reshape(c_out, -1), x_shape, kh, kw, stride, padding)
+    return dx, dw, db
+
+
+def conv2d_forward_naive(x, w, b, stride=1, padding=0):
+    """Reference convolution with explicit loops; same signature and result as
+    ``conv2d_forward`` (without the cache). Slow: for tests and for reading."""
+    n, c, h, wd = x.shape
+    c_out, _, kh, kw = w.shape
+    ho, wo = conv_output_size(h, kh, stride, padding), conv_output_size(wd, kw, stride, padding)
+    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    out = np.empty((n, c_out, ho, wo), x.dtype)
+    for i in range(ho):
+        for j in range(wo):
+            patch = xp[:, :, i * stride:i * stride + kh, j * stride:j * stride + kw]
+            out[:, :, i, j] = np.tensordot(patch, w, axes=([1, 2, 3], [1, 2, 3])) + b
+    return out
+
+
+class Conv2d(Layer):
+    """2-D convolution with square kernels, stride and zero padding.
+
+    Parameters
+    ----------
+    in_channels, out_channels, kernel_size : int
+    stride, padding : int
+    rng : numpy.random.Generator
+    dtype : float32 (default) or float64
+
+    Shapes: ``x [N, C_in, H, W]`` -> ``[N, C_out, Ho, Wo]`` with
+    ``Ho = (H + 2*padding - kernel_size) // stride + 1``.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, rng=None,
+                 dtype=np.float32, bias=True):
+        super().__init__()
+        rng = np.random.default_rng(0) if rng is None else rng
+        if stride < 1 or padding < 0 or kernel_size < 1:
+            raise ValueError(f"Conv2d needs kernel_size >= 1, stride >= 1, padding >= 0; got "
+                             f"{kernel_size}, {stride}, {padding}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        shape = (out_channels, in_channels, kernel_size, kernel_size)
+        self.params["weight"] = _he_normal(rng, shape, in_channels * kernel_size ** 2, dtype)
+        if bias:
+            self.params["bias"] = np.zeros(out_channels, dtype)
+        self.mask = None
+
+    def forward(self, x):
+        w = self.params["weight"]
+        _check_input(x, "Conv2d", 4, self.in_channels, w.dtype)
+        b = self.params.get("bias", np.zeros((), w.dtype))
+        out, self.cache = conv2d_forward(x, _masked(w, self.mask), b, self.stride, self.padding)
+        return out
+
+    def backward(self, dout):
+        dx, dw, db = conv2d_backward(dout, self.cache)
+        self.grads["weight"] = _masked(dw, self.mask)
+        if "bias" in self.params:
+            self.grads["bias"] = db
+        return dx
+
+    def __repr__(self):
+        return (f"Conv2d({self.in_channels}, {self.out_channels}, k={self.kernel_size}, "
+                f"s={self.stride}, p={self.padding})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations, reshaping, pooling
+# ---------------------------------------------------------------------------------------------
+
+def relu_forward(x):
+    """``max(x, 0)``; any shape."""
+    return np.maximum(x, 0), x > 0
+
+
+def relu_backward(dout, cache):
+    """The gradient passes where the input was positive (0 at exactly 0, as in PyTorch)."""
+    return dout * cache
+
+
+class ReLU(Layer):
+    def forward(self, x):
+        out, self.cache = relu_forward(x)
+        return out
+
+    def backward(self, dout):
+        return relu_backward(dout, self.cache)
+
+    def __repr__(self):
+        return "ReLU()"
+
+
+class Flatten(Layer):
+    """``[N, ...]`` -> ``[N, prod(...)]``."""
+
+    def forward(self, x):
+        self.shape = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, dout):
+        return dout.reshape(self.shape)
+
+    def __repr__(self):
+        return "Flatten()"
+
+
+def _windows(x, k, stride):
+    """``[N, C, H, W]`` -> read-only view ``[N, C, Ho, Wo, k, k]`` of the pooling windows."""
+    ho, wo = conv_output_size(x.shape[2], k, stride, 0), conv_output_size(x.shape[3], k, stride, 0)
+    return sliding_window_view(x, (k, k), axis=(2, 3))[:, :, ::stride, ::stride][:, :, :ho, :wo]
+
+
+def _scatter_windows(dwin, x_shape, k, stride):
+    """Adjoint of ``_windows``: add ``dwin [N, C, Ho, Wo, k, k]`` back into ``[N, C, H, W]``."""
+    n, c, ho, wo = dwin.shape[:4]
+    dx = np.zeros(x_shape, dwin.dtype)
+    for i in range(k):
+        for j in range(k):
+            dx[:, :, i:i + stride * ho:stride, j:j + stride * wo:stride] += dwin[..., i, j]
+    return dx
+
+
+def maxpool_forward(x, k=2, stride=None):
+    """Max over ``k x k`` windows. ``x [N, C, H, W]`` -> ``[N, C, Ho, Wo]``.
+
+    Ties inside a window send the gradient to the first maximum in row-major order.
+    """
+    stride = k if stride is None else stride
+    win = _windows(x, k, stride)
+    flat = win.reshape(*win.shape[:4], k * k)
+    arg = flat.argmax(axis=-1)
+    out = np.take_along_axis(flat, arg[..., None], axis=-1)[..., 0]
+    return out, (x.shape, arg, k, stride)
+
+
+def maxpool_backward(dout, cache):
+    x_shape, arg, k, stride = cache
+    onehot = arg[..., None] == np.arange(k * k)                 # [N, C, Ho, Wo, k*k]
+    dwin = (onehot * dout[..., None]).reshape(*dout.shape, k, k)
+    return _scatter_windows(dwin, x_shape, k, stride)
+
+
+def avgpool_forward(x, k=2, stride=None):
+    """Mean over ``k x k`` windows. ``x [N, C, H, W]`` -> ``[N, C, Ho, Wo]``."""
+    stride = k if stride is None else stride
+    return _windows(x, k, stride).mean(axis=(-2, -1)), (x.shape, k, stride)
+
+
+def avgpool_backward(dout, cache):
+    x_shape, k, stride = cache
+    dwin = np.broadcast_to((dout / (k * k))[..., None, None], (*dout.shape, k, k))
+    return _scatter_windows(dwin, x_shape, k, stride)
+
+
+class MaxPool2d(Layer):
+    def __init__(self, kernel_size=2, stride=None):
+        super().__init__()
+        self.k, self.stride = kernel_size, kernel_size if stride is None else stride
+
+    def forward(self, x):
+        out, self.cache = maxpool_forward(x, self.k, self.stride)
+        return out
+
+    def backward(self, dout):
+        return maxpool_backward(dout, self.cache)
+
+    def __repr__(self):
+        return f"MaxPool2d({self.k}, s={self.stride})"
+
+
+class AvgPool2d(Layer):
+    def __init__(self, kernel_size=2, stride=None):
+        super().__init__()
+        self.k, self.stride = kernel_size, kernel_size if stride is None else stride
+
+    def forward(self, x):
+        out, self.cache = avgpool_forward(x, self.k, self.stride)
+        return out
+
+    def backward(self, dout):
+        return avgpool_backward(dout, self.cache)
+
+    def __repr__(self):
+        return f"AvgPool2d({self.k}, s={self.stride})"
+
+
+class GlobalAvgPool(Layer):
+    """Mean over all positions: ``[N, C, H, W]`` -> ``[N, C]``."""
+
+    def forward(self, x):
+        self.shape = x.shape
+        return x.mean(axis=(2, 3))
+
+    def backward(self, dout):
+        n, c, h, w = self.shape
+        return np.broadcast_to((dout / (h * w))[:, :, None, None], self.shape).copy()
+
+    def __repr__(self):
+        return "GlobalAvgPool()"
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch normalisation
+# ---------------------------------------------------------------------------------------------
+
+def batchnorm_forward(x, gamma, beta, mean=None, var=None, eps=1e-5):
+    """Normalise each feature (``[N, F]``) or channel (``[N, C, H, W]``), then scale and shift.
+
+    With ``mean``/``var`` given (eval mode) those statistics are used; otherwise the batch's own
+    (biased) mean and variance are.
+
+    Returns
+    -------
+    out : ndarray, shape of x
+    cache : tuple; ``cache[-2:]`` are the batch mean and biased variance used, shape [F] or [C]
+    """
+    axes = (0,) if x.ndim == 2 else (0, 2, 3)
+    shape = (1, -1) if x.ndim == 2 else (1, -1, 1, 1)
+    use_batch = mean is None
+    if use_batch:
+        mean, var = x.mean(axis=axes), x.var(axis=axes)
+    inv_std = 1.0 / np.sqrt(var + eps)
+    xhat = (x - mean.reshape(shape)) * inv_std.reshape(shape)
+    out = xhat * gamma.reshape(shape) + beta.reshape(shape)
+    return out, (xhat, gamma, inv_std, axes, shape, use_batch, mean, var)
+
+
+def batchnorm_backward(dout, cache):
+    """``dout`` (shape of x) -> ``dx, dgamma [F], dbeta [F]``.
+
+    In training mode the batch statistics depend on x, which adds the two mean terms; in eval
+    mode the statistics are constants and the layer is a per-feature affine map.
+    """
+    xhat, gamma, inv_std, axes, shape, use_batch, _, _ = cache
+    dbeta = dout.sum(axis=axes)
+    dgamma = (dout * xhat).sum(axis=axes)
+    dxhat = dout * gamma.reshape(shape)
+    if not use_batch:
+        return dxhat * inv_std.reshape(shape), dgamma, dbeta
+    m = dout.size // dbeta.size
+    dx = (inv_std.reshape(shape) / m) * (
+        m * dxhat - dxhat.sum(axis=axes).reshape(shape)
+        - xhat * (dxhat * xhat).sum(axis=axes).reshape(shape))
+    return dx, dgamma, dbeta
+
+
+class BatchNorm(Layer):
+    """Batch normalisation for ``[N, F]`` (1-D) and ``[N, C, H, W]`` (2-D) input.
+
+    Training mode normalises with the batch statistics and updates the running ones,
+    ``running = (1 - momentum) * running + momentum * batch`` with the unbiased batch variance,
+    exactly as PyTorch does; eval mode normalises with the running statistics.
+
+    Parameters
+    ----------
+    num_features : int   (F or C)
+    momentum : float
+    eps : float
+    dtype : float32 (default) or float64
+    """
+
+    def __init__(self, num_features, momentum=0.1, eps=1e-5, dtype=np.float32):
+        super().__init__()
+        self.num_features, self.momentum, self.eps = num_features, momentum, eps
+        self.params["weight"] = np.ones(num_features, dtype)
+        self.params["bias"] = np.zeros(num_features, dtype)
+        self.buffers["running_mean"] = np.zeros(num_features, dtype)
+        self.buffers["running_var"] = np.ones(num_features, dtype)
+
+    def forward(self, x):
+        g = self.params["weight"]
+        if x.ndim not in (2, 4):
+            raise ValueError(f"BatchNorm expects [N, F] or [N, C, H, W] input, got shape {x.shape}")
+        _check_input(x, "BatchNorm", x.ndim, self.num_features, g.dtype)
+        if self.training:
+            m = x.size // self.num_features
+            if m < 2:
+                raise ValueError(f"BatchNorm in training mode needs more than one value per "
+                                 f"feature, got input shape {x.shape}")
+            out, self.cache = batchnorm_forward(x, g, self.params["bias"], eps=self.eps)
+            mean, var = self.cache[-2:]
+            r = self.momentum
+            self.buffers["running_mean"] *= 1 - r
+            self.buffers["running_mean"] += r * mean
+            self.buffers["running_var"] *= 1 - r
+            self.buffers["running_var"] += (r * m / (m - 1)) * var
+        else:
+            out, self.cache = batchnorm_forward(x, g, self.params["bias"],
+                                                self.buffers["running_mean"],
+                                                self.buffers["running_var"], self.eps)
+        return out
+
+    def backward(self, dout):
+        dx, self.grads["weight"], self.grads["bias"] = batchnorm_backward(dout, self.cache)
+        return dx
+
+    def __repr__(self):
+        return f"BatchNorm({self.num_features})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Composites: Sequential and the pre-activation residual block
+# ---------------------------------------------------------------------------------------------
+
+class Sequential(Layer):
+    """Layers applied in order; ``backward`` runs them in reverse."""
+
+    def __init__(self, *layers: Layer):
+        super().__init__()
+        self.layers = list(layers)
+
+    def children(self):
+        return [(str(i), layer) for i, layer in enumerate(self.layers)]
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dout):
+        for layer in reversed(self.layers):
+            dout = layer.backward(dout)
+        return dout
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __repr__(self):
+        inner = "\n".join(f"  ({i}) {layer!r}".replace("\n", "\n  ") for i, layer in enumerate(self.layers))
+        return f"Sequential(\n{inner}\n)"
+
+
+class PreActBlock(Layer):
+    """Pre-activation residual block (He et al., 2016, "Identity Mappings in Deep ResNets")::
+
+        a   = relu(bn1(x))
+        out = conv2(relu(bn2(conv1(a)))) + shortcut
+
+    where ``shortcut = x`` when shapes agree and ``shortcut = proj(a)`` (1x1 conv with the
+    block's stride) when they do not. Both 3x3 convs have padding 1; conv1 carries the stride.
+    Convs have no bias: the batch norm after them has one.
+    """
+
+    def __init__(self, in_channels, out_channels, stride=1, rng=None, dtype=np.float32):
+        super().__init__()
+        rng = np.random.default_rng(0) if rng is None else rng
+        self.bn1 = BatchNorm(in_channels, dtype=dtype)
+        self.relu1 = ReLU()
+        self.conv1 = Conv2d(in_channels, out_channels, 3, stride, 1, rng, dtype, bias=False)
+        self.bn2 = BatchNorm(out_channels, dtype=dtype)
+        self.relu2 = ReLU()
+        self.conv2 = Conv2d(out_channels, out_channels, 3, 1, 1, rng, dtype, bias=False)
+        self.proj = None
+        if stride != 1 or in_channels != out_channels:
+            self.proj = Conv2d(in_channels, out_channels, 1, stride, 0, rng, dtype, bias=False)
+
+    def children(self):
+        names = ["bn1", "relu1", "conv1", "bn2", "relu2", "conv2"] + (["proj"] if self.proj else [])
+        return [(n, getattr(self, n)) for n in names]
+
+    def forward(self, x):
+        a = self.relu1(self.bn1(x))
+        out = self.conv2(self.relu2(self.bn2(self.conv1(a))))
+        return out + (self.proj(a) if self.proj else x)
+
+    def backward(self, dout):
+        da = self.conv1.backward(self.bn2.backward(self.relu2.backward(self.conv2.backward(dout))))
+        if self.proj:
+            return self.bn1.backward(self.relu1.backward(da + self.proj.backward(dout)))
+        return self.bn1.backward(self.relu1.backward(da)) + dout
+
+    def __repr__(self):
+        return f"PreActBlock({self.conv1.in_channels}, {self.conv1.out_channels}, s={self.conv1.stride})"

@@ -1,0 +1,98 @@
+"""Small models built from ``minidress.layers``: an MLP, a LeNet-5-style CNN and a tiny
+pre-activation ResNet. Every builder takes ``seed`` (or ``rng``) and ``dtype``, so the same seed
+gives the same initial weights, bit for bit."""
+from __future__ import annotations
+
+import numpy as np
+
+from .layers import (BatchNorm, Conv2d, Flatten, GlobalAvgPool, Linear, MaxPool2d, PreActBlock,
+                     ReLU, Sequential, conv_output_size)
+
+
+def _rng(seed, rng):
+    return np.random.default_rng(seed) if rng is None else rng
+
+
+def mlp(sizes, seed=0, rng=None, dtype=np.float32, batchnorm=False):
+    """Multi-layer perceptron ``Flatten -> Linear -> ReLU -> ... -> Linear``.
+
+    Parameters
+    ----------
+    sizes : sequence of int
+        ``[in, hidden..., out]``, e.g. ``[784, 300, 100, 10]``. The input is flattened first,
+        so image batches ``[N, C, H, W]`` with ``C*H*W == in`` work as they are.
+    batchnorm : bool
+        Put a BatchNorm between every hidden Linear and its ReLU.
+    """
+    sizes = [int(s) for s in sizes]
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise ValueError(f"sizes must list at least 2 positive widths, got {sizes}")
+    rng = _rng(seed, rng)
+    layers = [Flatten()]
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        hidden = i < len(sizes) - 2
+        # A bias before batch norm is cancelled by its mean subtraction, so leave it out.
+        layers.append(Linear(a, b, rng, dtype, bias=not (hidden and batchnorm)))
+        if hidden:
+            layers += [BatchNorm(b, dtype=dtype)] if batchnorm else []
+            layers.append(ReLU())
+    return Sequential(*layers)
+
+
+def lenet5(input_shape=(1, 28, 28), n_classes=10, seed=0, rng=None, dtype=np.float32,
+           widths=(6, 16, 120, 84)):
+    """LeNet-5-style CNN: two 5x5 conv + ReLU + 2x2 max-pool stages, then three Linear layers.
+
+    conv1 has padding 2 (the classic 32x32 input becomes 28x28 here). conv2 has no padding on
+    inputs of 16 pixels or more and padding 2 on smaller ones, so the same network runs on 8x8
+    digits (8 -> 8 -> 4 -> 4 -> 2) and on 28x28 MNIST (28 -> 28 -> 14 -> 10 -> 5).
+
+    Parameters
+    ----------
+    input_shape : (C, H, W)
+    widths : (conv1 channels, conv2 channels, fc1, fc2)
+    """
+    c, h, w = input_shape
+    rng = _rng(seed, rng)
+    c1, c2, f1, f2 = widths
+    pad2 = 0 if min(h, w) >= 16 else 2
+    ho = conv_output_size(conv_output_size(h, 5, 1, 2) // 2, 5, 1, pad2) // 2
+    wo = conv_output_size(conv_output_size(w, 5, 1, 2) // 2, 5, 1, pad2) // 2
+    return Sequential(
+        Conv2d(c, c1, 5, 1, 2, rng, dtype), ReLU(), MaxPool2d(2),
+        Conv2d(c1, c2, 5, 1, pad2, rng, dtype), ReLU(), MaxPool2d(2),
+        Flatten(),
+        Linear(c2 * ho * wo, f1, rng, dtype), ReLU(),
+        Linear(f1, f2, rng, dtype), ReLU(),
+        Linear(f2, n_classes, rng, dtype),
+    )
+
+
+def preact_resnet(input_shape=(1, 28, 28), n_classes=10, widths=(16, 32, 64), blocks=1, seed=0,
+                  rng=None, dtype=np.float32):
+    """Tiny pre-activation ResNet: 3x3 stem conv, three stages of ``blocks`` PreActBlocks
+    (the first block of stages 2 and 3 halves the resolution), BN, ReLU, global average pool and
+    a Linear classifier. Runs on 28x28 (28 -> 14 -> 7) and 32x32 (32 -> 16 -> 8) inputs.
+    """
+    c = input_shape[0]
+    rng = _rng(seed, rng)
+    layers = [Conv2d(c, widths[0], 3, 1, 1, rng, dtype, bias=False)]
+    prev = widths[0]
+    for stage, width in enumerate(widths):
+        for b in range(blocks):
+            stride = 2 if (stage > 0 and b == 0) else 1
+            layers.append(PreActBlock(prev, width, stride, rng, dtype))
+            prev = width
+    layers += [BatchNorm(prev, dtype=dtype), ReLU(), GlobalAvgPool(), Linear(prev, n_classes, rng, dtype)]
+    return Sequential(*layers)
+
+
+def build_model(name, input_shape, n_classes, seed=0, dtype=np.float32, hidden=(300, 100)):
+    """Build a model by name: ``"mlp"``, ``"lenet5"`` or ``"resnet"``."""
+    if name == "mlp":
+        return mlp([int(np.prod(input_shape)), *hidden, n_classes], seed=seed, dtype=dtype)
+    if name == "lenet5":
+        return lenet5(input_shape, n_classes, seed=seed, dtype=dtype)
+    if name == "resnet":
+        return preact_resnet(input_shape, n_classes, seed=seed, dtype=dtype)
+    raise ValueError(f"model must be one of 'mlp', 'lenet5', 'resnet'; got {name!r}")
