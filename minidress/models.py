@@ -68,6 +68,25 @@ def lenet5(input_shape=(1, 28, 28), n_classes=10, seed=0, rng=None, dtype=np.flo
     )
 
 
+def small_cnn(input_shape=(1, 8, 8), n_classes=10, widths=(32, 32, 64), seed=0, rng=None,
+              dtype=np.float32):
+    """A small VGG-style CNN with batch norm: the default backbone on the digits data set.
+
+    ``[conv3x3 -> BN -> ReLU] x 2 -> max-pool -> conv3x3 -> BN -> ReLU -> max-pool -> Linear``;
+    8x8 inputs become 64 x 2 x 2 features, 28x28 inputs 64 x 7 x 7. Convs have no bias (the batch
+    norm after each has one).
+    """
+    c, h, w = input_shape
+    rng = _rng(seed, rng)
+    c1, c2, c3 = widths
+
+    def unit(cin, cout):
+        return [Conv2d(cin, cout, 3, 1, 1, rng, dtype, bias=False), BatchNorm(cout, dtype=dtype), ReLU()]
+
+    return Sequential(*unit(c, c1), *unit(c1, c2), MaxPool2d(2), *unit(c2, c3), MaxPool2d(2),
+                      Flatten(), Linear(c3 * (h // 4) * (w // 4), n_classes, rng, dtype))
+
+
 def preact_resnet(input_shape=(1, 28, 28), n_classes=10, widths=(16, 32, 64), blocks=1, seed=0,
                   rng=None, dtype=np.float32):
     """Tiny pre-activation ResNet: 3x3 stem conv, three stages of ``blocks`` PreActBlocks
@@ -87,12 +106,18 @@ def preact_resnet(input_shape=(1, 28, 28), n_classes=10, widths=(16, 32, 64), bl
     return Sequential(*layers)
 
 
+MODELS = ("mlp", "lenet5", "cnn", "resnet")
+
+
 def build_model(name, input_shape, n_classes, seed=0, dtype=np.float32, hidden=(300, 100)):
-    """Build a model by name: ``"mlp"``, ``"lenet5"`` or ``"resnet"``."""
+    """Build a model by name, one of ``MODELS``: ``mlp`` (hidden widths ``hidden``), ``lenet5``,
+    ``cnn`` (``small_cnn``) or ``resnet`` (``preact_resnet``)."""
     if name == "mlp":
         return mlp([int(np.prod(input_shape)), *hidden, n_classes], seed=seed, dtype=dtype)
     if name == "lenet5":
         return lenet5(input_shape, n_classes, seed=seed, dtype=dtype)
+    if name == "cnn":
+        return small_cnn(input_shape, n_classes, seed=seed, dtype=dtype)
     if name == "resnet":
         return preact_resnet(input_shape, n_classes, seed=seed, dtype=dtype)
-    raise ValueError(f"model must be one of 'mlp', 'lenet5', 'resnet'; got {name!r}")
+    raise ValueError(f"model must be one of {MODELS}; got {name!r}")

@@ -1,0 +1,129 @@
+"""The training loop: ``fit``, ``evaluate`` and the plain (dense) training step.
+
+Reproducibility: the batches of epoch ``e`` are shuffled by ``numpy.random.default_rng([seed, e])``,
+so an epoch's order depends only on the seed and the epoch number. Resuming from the checkpoint
+written at the end of epoch ``e`` therefore continues exactly as the uninterrupted run would.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data.batching import iterate_minibatches
+from .losses import softmax_cross_entropy
+
+
+def dense_step(model, xb, yb):
+    """One forward and backward pass of the whole (dense) model.
+
+    Returns
+    -------
+    loss : float
+    n_correct : int
+    grads : dict[str, ndarray]   (names as in ``model.parameters()``)
+    """
+    logits = model.forward(xb)
+    loss, dlogits = softmax_cross_entropy(logits, yb)
+    model.backward(dlogits)
+    return loss, int((logits.argmax(axis=1) == yb).sum()), model.gradients()
+
+
+def predict_logits(model, x, batch_size=1000):
+    """Logits ``[N, n_classes]`` in eval mode (running BatchNorm statistics); restores the mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        return np.concatenate([model.forward(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    finally:
+        model.train(was_training)
+
+
+def evaluate(model, x, y, batch_size=1000):
+    """Mean cross-entropy loss and accuracy (fraction in [0, 1]) of ``model`` on ``(x, y)``."""
+    logits = predict_logits(model, x, batch_size)
+    loss, _ = softmax_cross_entropy(logits, y)
+    return loss, float((logits.argmax(axis=1) == y).mean())
+
+
+def fit(model, optimizer, x_train, y_train, x_val=None, y_val=None, *, epochs, batch_size=128,
+        schedule=None, seed=0, step=dense_step, quiet=False, checkpoint_path=None, resume=None,
+        meta=None):
+    """Train ``model`` with ``optimizer`` for ``epochs`` epochs of shuffled mini-batches.
+
+    Parameters
+    ----------
+    model : minidress.layers.Layer
+    optimizer : object with ``step(params, grads)``, ``lr``, ``state_dict()``/``load_state_dict()``
+    x_train : ndarray [N, ...];  y_train : int ndarray [N]
+    x_val, y_val : optional held-out data evaluated after every epoch
+    epochs : int
+        Total number of epochs (a resumed run counts the epochs already done).
+    schedule : callable ``step -> lr`` over optimizer steps, or None to keep ``optimizer.lr``
+    step : callable ``(model, xb, yb) -> (loss, n_correct, grads)``; ``dense_step`` by default,
+        ``minidress.dress.joint_step`` for DRESS
+    quiet : bool
+        No progress bar.
+    checkpoint_path : path, optional
+        Written atomically after every epoch (model, optimizer, history, ``meta``).
+    resume : path, optional
+        A checkpoint of this same run to continue from.
+    meta : dict, optional
+        Extra JSON metadata stored in checkpoints (e.g. how to rebuild the model).
+
+    Returns
+    -------
+    history : list of dict, one per epoch: ``epoch, lr, train_loss, train_acc, val_loss, val_acc,
+        seconds``
+
+    Raises
+    ------
+    FloatingPointError
+        When the loss becomes NaN or infinite; the message names the epoch and step.
+    """
+    if epochs < 0 or batch_size < 1:
+        raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
+    history, start = [], 0
+    if resume is not None:
+        saved = load_checkpoint(resume, model, optimizer)
+        history = saved["history"]
+        start = len(history)
+    steps_per_epoch = -(-len(x_train) // batch_size)
+    for epoch in range(start, epochs):
+        t0 = time.perf_counter()
+        model.train()
+        rng = np.random.default_rng([seed, epoch])
+        total_loss = total_correct = seen = 0
+        bar = tqdm(iterate_minibatches(x_train, y_train, batch_size, rng), total=steps_per_epoch,
+                   desc=f"epoch {epoch + 1}/{epochs}", disable=quiet, leave=False)
+        for i, (xb, yb) in enumerate(bar):
+            global_step = epoch * steps_per_epoch + i
+            if schedule is not None:
+                optimizer.lr = schedule(global_step)
+            loss, correct, grads = step(model, xb, yb)
+            if not np.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss became {loss} at epoch {epoch + 1}, step {i + 1} (global step "
+                    f"{global_step}); lower the learning rate or check the data for NaN")
+            optimizer.step(model.parameters(), grads)
+            total_loss += loss * len(yb)
+            total_correct += correct
+            seen += len(yb)
+            if not quiet and i % 10 == 0:
+                bar.set_postfix(loss=f"{loss:.4f}")
+        record = {"epoch": epoch + 1, "lr": float(optimizer.lr),
+                  "train_loss": total_loss / seen, "train_acc": total_correct / seen}
+        if x_val is not None:
+            record["val_loss"], record["val_acc"] = evaluate(model, x_val, y_val)
+        record["seconds"] = time.perf_counter() - t0
+        history.append(record)
+        if not quiet:
+            val = f", val acc {record['val_acc']:.4f}" if x_val is not None else ""
+            tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {record['train_loss']:.4f}, "
+                       f"train acc {record['train_acc']:.4f}{val} ({record['seconds']:.1f} s)")
+        if checkpoint_path is not None:
+            save_checkpoint(checkpoint_path, model, optimizer,
+                            {**(meta or {}), "history": history, "seed": seed})
+    return history
