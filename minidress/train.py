@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the plain bar: tqdm.auto warns in notebooks without ipywidgets
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data.batching import iterate_minibatches
@@ -76,7 +76,8 @@ def fit(model, optimizer, x_train, y_train, x_val=None, y_val=None, *, epochs, b
     Returns
     -------
     history : list of dict, one per epoch: ``epoch, lr, train_loss, train_acc, val_loss, val_acc,
-        seconds``
+        seconds``. ``lr`` is the rate of the epoch's last step; ``train_loss``/``train_acc``
+        average over the epoch's batches as they were trained (train mode).
 
     Raises
     ------

@@ -1,0 +1,337 @@
+"""Time per training epoch: minidress vs PyTorch CPU on MNIST (MLP 784-300-100-10 and LeNet-5).
+
+Both frameworks get the same architecture (the torch model is translated layer by layer from the
+minidress one and starts from the same weights), the same pre-batched float32 arrays in the same
+order, SGD with momentum 0.9, and the same number of threads.
+
+What is timed: the training step only, ``forward + loss + backward + optimizer step`` over
+batches that were shuffled and gathered beforehand. The minidress step is exactly what
+``minidress.train.fit`` runs per batch (``dense_step`` then ``optimizer.step(model.parameters(),
+grads)``); the torch step does the same work (``zero_grad``, forward, ``cross_entropy``,
+``backward``, ``step``, plus ``loss.item()`` and the number of correct predictions, which
+``dense_step`` also returns). The time of the shuffle + gather (``iterate_minibatches``) is
+measured once and printed separately; it is not in the table.
+
+Threads: ``--threads N`` (default 2) sets ``torch.set_num_threads(N)`` and, for NumPy's BLAS,
+``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS``/``MKL_NUM_THREADS``. OpenBLAS reads those variables
+only when it is loaded, so this script parses its arguments with nothing but argparse/os/sys
+imported, sets the variables, and only then imports NumPy. If NumPy was already imported (the
+script was imported rather than run), it falls back to ``threadpoolctl`` when available and
+says so. The thread count actually in effect is printed from ``threadpoolctl``.
+
+Noise: each repeat runs every framework once, the order alternating between repeats
+(minidress, torch / torch, minidress / ...), and the ratio is taken per repeat (paired), so slow
+drift of a shared machine cancels out. The table gives the median and the min over repeats and
+the range of the paired ratios. Nothing is asserted on the times.
+
+Usage (from the repository root)::
+
+    python benchmarks/bench_train.py                     # both models, full epochs, 3 repeats
+    python benchmarks/bench_train.py --models mlp --repeats 5
+    python benchmarks/bench_train.py --steps 100         # 100 steps per epoch, extrapolated
+    python benchmarks/bench_train.py --quick             # smoke run: few steps, 1 repeat
+    python benchmarks/bench_train.py --threads 1
+
+MNIST is read from ``<repo>/../shared/data/mnist`` or ``--data-dir``; if it is not there, random
+data of MNIST's shape is used instead (the output says so; times per epoch are the same).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+MODELS = ("mlp", "lenet5")
+THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared/data/mnist"
+QUICK_STEPS, QUICK_REPEATS, QUICK_WARMUP = 10, 1, 2
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS),
+                   help=f"comma-separated subset of {','.join(MODELS)} (default: all)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2,
+                   help="threads for torch and for NumPy's BLAS (default 2)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="time only this many steps per epoch and extrapolate to a full epoch")
+    p.add_argument("--repeats", type=int, default=None, help="timed epochs per framework (default 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run: {QUICK_STEPS} steps, {QUICK_REPEATS} repeat, {QUICK_WARMUP} "
+                        f"warm-up steps (explicit --steps/--repeats/--warmup still win)")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                   help=f"folder with the MNIST idx files (default {DEFAULT_DATA_DIR})")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-torch", action="store_true", help="time minidress only")
+    args = p.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = QUICK_REPEATS if args.quick else 3
+    if args.warmup is None:
+        args.warmup = QUICK_WARMUP if args.quick else 10
+    if args.steps is None and args.quick:
+        args.steps = QUICK_STEPS
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in args.models if m not in MODELS]
+    if bad or not args.models:
+        p.error(f"--models must be a comma-separated subset of {','.join(MODELS)}, got {bad or '[]'}")
+    for name in ("batch_size", "threads", "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if (args.steps is not None and args.steps < 1) or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    return args
+
+
+def set_thread_env(n: int) -> bool:
+    """Set the BLAS/OpenMP thread variables; True if NumPy is not loaded yet (so they apply)."""
+    for var in THREAD_VARS:
+        os.environ[var] = str(n)
+    return "numpy" not in sys.modules
+
+
+# ---------------------------------------------------------------------------------------------
+# Everything below runs after the thread variables are set (NumPy is imported inside functions).
+# ---------------------------------------------------------------------------------------------
+
+def blas_threads_report(n: int, env_applied: bool) -> str:
+    try:
+        import threadpoolctl
+    except ImportError:
+        return ("NumPy BLAS threads: set through the environment" if env_applied else
+                "WARNING: NumPy was imported before the thread variables were set and "
+                "threadpoolctl is missing: the BLAS thread count is NOT controlled")
+    if not env_applied:
+        threadpoolctl.threadpool_limits(n)   # kept for the life of the process
+    info = threadpoolctl.threadpool_info()
+    parts = [f"{i['internal_api']} {Path(i['filepath']).name}: {i['num_threads']}" for i in info]
+    how = "environment" if env_applied else "threadpoolctl (NumPy was already imported)"
+    return f"native thread pools (via {how}): " + ("; ".join(parts) or "none found")
+
+
+def load_data(data_dir: Path, seed: int):
+    """Standardised MNIST train images ``float32 [60000, 1, 28, 28]`` and labels, or random data
+    of the same shape when the files are missing. Returns ``(x, y, description)``."""
+    import numpy as np
+    from minidress.data import DataError, load_mnist, standardize
+
+    try:
+        ds = load_mnist(data_dir, download=False)
+        x, y, what = ds.x_train, ds.y_train, f"MNIST from {data_dir}"
+    except (FileNotFoundError, DataError) as e:
+        rng = np.random.default_rng(seed)
+        x = rng.random((60000, 1, 28, 28), dtype=np.float32)
+        y = rng.integers(0, 10, 60000)
+        first = str(e).splitlines()[0]
+        what = (f"RANDOM data of MNIST's shape (60000 x 1 x 28 x 28, 10 classes): MNIST not "
+                f"found in {data_dir} ({type(e).__name__}: {first[:120]})")
+    (x,), _ = standardize(x)
+    return x.astype(np.float32, copy=False), y, what
+
+
+def make_batches(x, y, batch_size: int, seed: int):
+    """One epoch of shuffled batches exactly as ``fit`` draws them (epoch 0), and the seconds
+    that the shuffle + gather took."""
+    import time
+
+    import numpy as np
+    from minidress.data import iterate_minibatches
+
+    t0 = time.perf_counter()
+    batches = list(iterate_minibatches(x, y, batch_size, np.random.default_rng([seed, 0])))
+    return batches, time.perf_counter() - t0
+
+
+def build_minidress(name: str, seed: int):
+    import numpy as np
+    from minidress.models import lenet5, mlp
+
+    if name == "mlp":
+        return mlp([784, 300, 100, 10], seed=seed, dtype=np.float32)
+    return lenet5((1, 28, 28), seed=seed, dtype=np.float32)
+
+
+def to_torch(model):
+    """The same network in torch, layer by layer, starting from the same weights."""
+    import torch
+    from minidress import layers as L
+
+    mods = []
+    for layer in model.layers:
+        if isinstance(layer, L.Linear):
+            m = torch.nn.Linear(layer.in_features, layer.out_features, bias="bias" in layer.params)
+        elif isinstance(layer, L.Conv2d):
+            m = torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                                layer.stride, layer.padding, bias="bias" in layer.params)
+        elif isinstance(layer, L.ReLU):
+            m = torch.nn.ReLU()
+        elif isinstance(layer, L.MaxPool2d):
+            m = torch.nn.MaxPool2d(layer.k, layer.stride)
+        elif isinstance(layer, L.Flatten):
+            m = torch.nn.Flatten()
+        else:
+            raise TypeError(f"no torch translation for {layer!r}")
+        with torch.no_grad():
+            for pname, arr in layer.params.items():
+                getattr(m, pname).copy_(torch.from_numpy(arr))
+        mods.append(m)
+    return torch.nn.Sequential(*mods).float()
+
+
+class MinidressRunner:
+    name = "minidress"
+
+    def __init__(self, model_name, batches, lr, seed):
+        from minidress.optim import SGD
+        from minidress.train import dense_step
+
+        self.model = build_minidress(model_name, seed).train()
+        self.opt = SGD(lr, momentum=0.9)
+        self.step_fn = dense_step
+        self.batches = batches
+
+    def run(self, n_steps):
+        """Train on the first ``n_steps`` batches; returns the mean loss (a sanity check)."""
+        model, opt, step = self.model, self.opt, self.step_fn
+        total = 0.0
+        for xb, yb in self.batches[:n_steps]:
+            loss, _correct, grads = step(model, xb, yb)
+            opt.step(model.parameters(), grads)
+            total += loss
+        return total / n_steps
+
+
+class TorchRunner:
+    name = "torch"
+
+    def __init__(self, model_name, batches, lr, seed):
+        import torch
+
+        self.torch = torch
+        self.model = to_torch(build_minidress(model_name, seed)).train()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.9)
+        # torch.from_numpy shares memory: the very same arrays minidress trains on.
+        self.batches = [(torch.from_numpy(xb), torch.from_numpy(yb)) for xb, yb in batches]
+
+    def run(self, n_steps):
+        model, opt, F = self.model, self.opt, self.torch.nn.functional
+        total = 0.0
+        for xb, yb in self.batches[:n_steps]:
+            opt.zero_grad(set_to_none=True)
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            loss.backward()
+            opt.step()
+            total += loss.item()
+            _correct = int((logits.detach().argmax(1) == yb).sum())   # as dense_step does
+        return total / n_steps
+
+
+def stats(xs):
+    import statistics
+    return statistics.median(xs), min(xs), max(xs)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    env_applied = set_thread_env(args.threads)
+
+    import platform
+    import time
+
+    import numpy as np
+
+    torch = None
+    if not args.no_torch:
+        try:
+            import torch
+        except ImportError:
+            print("torch is not installed: timing minidress only")
+    if torch is not None:
+        torch.set_num_threads(args.threads)
+
+    x, y, data_what = load_data(args.data_dir, args.seed)
+    batches, shuffle_s = make_batches(x, y, args.batch_size, args.seed)
+    steps_per_epoch = len(batches)
+    n_steps = steps_per_epoch if args.steps is None else min(args.steps, steps_per_epoch)
+    scale = steps_per_epoch / n_steps
+    if args.warmup > steps_per_epoch:
+        args.warmup = steps_per_epoch
+
+    load0 = os.getloadavg()
+    print(f"data: {data_what}")
+    print(f"python {platform.python_version()}, numpy {np.__version__}"
+          + (f", torch {torch.__version__}" if torch else "")
+          + f"; {os.cpu_count()} CPUs, load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
+    print(f"threads: --threads {args.threads}; "
+          + (f"torch.get_num_threads() = {torch.get_num_threads()}; " if torch else "")
+          + blas_threads_report(args.threads, env_applied))
+    print(f"timed: forward + loss + backward + SGD(momentum 0.9, lr {args.lr}) step, float32, "
+          f"from pre-batched arrays (same batches, same order for both frameworks); "
+          f"warm-up {args.warmup} steps; {args.repeats} repeat(s), frameworks interleaved")
+    if args.steps is None:
+        print(f"epoch: {len(x)} samples = {steps_per_epoch} steps of batch {args.batch_size} "
+              f"(full epoch timed)")
+    else:
+        print(f"epoch: EXTRAPOLATED from {n_steps} timed steps x {steps_per_epoch}/{n_steps} "
+              f"(a full epoch is {steps_per_epoch} steps of batch {args.batch_size})")
+    print(f"not timed: shuffle + gather of one epoch (iterate_minibatches) took {shuffle_s:.3f} s")
+    if load0[0] > (os.cpu_count() or 1):
+        print(f"note: the machine is busy (load {load0[0]:.1f} > {os.cpu_count()} CPUs); times "
+              f"are noisy and multi-threaded BLAS suffers most when cores are oversubscribed")
+    print(flush=True)
+
+    runner_types = [MinidressRunner] + ([TorchRunner] if torch else [])
+    rows = []
+    for model_name in args.models:
+        runners = [R(model_name, batches, args.lr, args.seed) for R in runner_types]
+        for r in runners:
+            if args.warmup:
+                r.run(args.warmup)
+        times = {r.name: [] for r in runners}
+        losses = {r.name: [] for r in runners}
+        for rep in range(args.repeats):
+            order = runners if rep % 2 == 0 else runners[::-1]
+            for r in order:
+                t0 = time.perf_counter()
+                loss = r.run(n_steps)
+                times[r.name].append((time.perf_counter() - t0) * scale)
+                losses[r.name].append(loss)
+            print(f"  {model_name} repeat {rep + 1}/{args.repeats}: "
+                  + ", ".join(f"{r.name} {times[r.name][-1]:.3f} s/epoch (mean loss "
+                              f"{losses[r.name][-1]:.4f})" for r in runners), flush=True)
+        rows.append((model_name, times))
+
+    load1 = os.getloadavg()
+    label = "s/epoch" if args.steps is None else "s/epoch (extrap.)"
+    has_torch = torch is not None
+    header = ["model", "batch", f"minidress {label} median [min]"]
+    if has_torch:
+        header += [f"torch {label} median [min]", "ratio minidress/torch median [range]"]
+    table = [header]
+    for model_name, times in rows:
+        md = stats(times["minidress"])
+        row = [model_name, str(args.batch_size), f"{md[0]:.3f} [{md[1]:.3f}]"]
+        if has_torch:
+            tt = stats(times["torch"])
+            ratios = stats([a / b for a, b in zip(times["minidress"], times["torch"])])
+            row += [f"{tt[0]:.3f} [{tt[1]:.3f}]",
+                    f"{ratios[0]:.2f} [{ratios[1]:.2f}-{ratios[2]:.2f}]"]
+        table.append(row)
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    print()
+    for i, r in enumerate(table):
+        print(" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if i == 0:
+            print("-+-".join("-" * w for w in widths))
+    print(f"\nratios are paired per repeat (each repeat runs both frameworks back to back); "
+          f"load average at the end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

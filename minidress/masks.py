@@ -1,0 +1,164 @@
+"""Magnitude masks: row-based (DRESS), and layer-wise, global and structured ones for ablations.
+
+Vocabulary follows ``torch.nn.utils.prune``: a mask is a 0/1 array of the weight's shape that
+the forward pass multiplies in; the weight itself is never edited. ``importance_scores`` (default
+``|weight|``) rank the entries; ``density`` is the kept fraction in (0, 1] (``amount`` in torch's
+words is the pruned fraction, ``1 - density``).
+
+A *row* is one output unit over its whole fan-in: row ``r`` of ``weight.reshape(rows, -1)``,
+which is ``[out, in]`` for Linear and ``[C_out, C_in*kh*kw]`` for Conv2d.
+
+Rules every implementation must share to reproduce the same masks
+-----------------------------------------------------------------
+* Kept entries per row: ``n = max(1, floor(density * row_len + 0.5))``, i.e. round half up
+  (not Python's round-half-to-even), with a floor of one so that no output unit goes dead.
+* Ranking: by decreasing importance; among equal importances the lower column index ranks first
+  (a stable sort of ``-importance``).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def check_density(density, name="density") -> float:
+    """Return ``density`` as a float, or raise naming the argument if it is not in (0, 1]."""
+    try:
+        d = float(density)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number in (0, 1], got {density!r}") from None
+    if not (0.0 < d <= 1.0):  # also rejects NaN
+        raise ValueError(f"{name} must be in (0, 1] (the kept fraction), got {density!r}")
+    return d
+
+
+def n_kept(density, row_len: int) -> int:
+    """Entries kept per row at ``density``: ``max(1, floor(density * row_len + 0.5))``."""
+    return max(1, math.floor(check_density(density) * row_len + 0.5))
+
+
+def _rows(weight, importance_scores):
+    w = np.asarray(weight)
+    if w.ndim < 2:
+        raise ValueError(f"weight must have at least 2 dimensions (rows first), got shape {w.shape}")
+    scores = np.abs(w) if importance_scores is None else np.asarray(importance_scores)
+    if scores.shape != w.shape:
+        raise ValueError(f"importance_scores must have the weight's shape {w.shape}, got {scores.shape}")
+    if np.isnan(scores).any():
+        raise ValueError("importance_scores (or the weight) contain NaN; ranks would be arbitrary")
+    return scores.reshape(w.shape[0], -1)
+
+
+def row_ranks(weight, importance_scores=None) -> np.ndarray:
+    """Rank of every entry within its row: 0 for the most important.
+
+    Parameters
+    ----------
+    weight : ndarray [rows, ...]  (Linear ``[out, in]`` or Conv ``[C_out, C_in, kh, kw]``)
+    importance_scores : ndarray, weight's shape, optional (default ``|weight|``)
+
+    Returns
+    -------
+    ranks : int32 ndarray [rows, row_len]
+        Each row is a permutation of ``0..row_len-1``. Ties: lower column index first.
+    """
+    s = _rows(weight, importance_scores)
+    order = np.argsort(-s, axis=1, kind="stable")            # columns, most important first
+    ranks = np.empty(s.shape, np.int32)
+    np.put_along_axis(ranks, order, np.arange(s.shape[1], dtype=np.int32)[None, :], axis=1)
+    return ranks
+
+
+def row_topk_mask(weight, density, importance_scores=None) -> np.ndarray:
+    """Keep the ``n_kept(density, row_len)`` most important entries of every row.
+
+    Returns
+    -------
+    mask : bool ndarray, weight's shape; every row has exactly the same number of True entries.
+    """
+    ranks = row_ranks(weight, importance_scores)
+    return (ranks < n_kept(density, ranks.shape[1])).reshape(np.shape(weight))
+
+
+class NestedMasks:
+    """All DRESS levels of one layer from a single array of per-row ranks.
+
+    Level ``d`` keeps the entries with ``rank < n_kept(d, row_len)``. Since ``n_kept`` grows with
+    ``d``, the kept set of a sparser level is a subset of every denser one: nesting comes for
+    free, and so does any density between the trained levels (a longer or shorter prefix of the
+    same ranking).
+
+    Parameters
+    ----------
+    weight : ndarray [rows, ...]
+    levels : sequence of float in (0, 1], e.g. ``(1.0, 0.5, 0.25, 0.1)``
+    importance_scores : ndarray, optional (default ``|weight|``)
+    """
+
+    def __init__(self, weight, levels=(1.0, 0.5, 0.25, 0.1), importance_scores=None):
+        self.levels = tuple(check_density(d, "levels") for d in levels)
+        if not self.levels:
+            raise ValueError("levels must list at least one density")
+        self.shape = tuple(np.shape(weight))
+        self.ranks = row_ranks(weight, importance_scores)
+
+    @property
+    def row_len(self) -> int:
+        return self.ranks.shape[1]
+
+    def n_kept(self, density) -> int:
+        """Entries kept in every row at ``density``."""
+        return n_kept(density, self.row_len)
+
+    def mask(self, density, dtype=bool) -> np.ndarray:
+        """The mask at ``density`` (a trained level or any other value in (0, 1])."""
+        return (self.ranks < self.n_kept(density)).reshape(self.shape).astype(dtype, copy=False)
+
+    def __repr__(self):
+        return f"NestedMasks(shape={self.shape}, levels={self.levels})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Other granularities, for ablations. Same vocabulary; only the set of entries that compete
+# for the kept slots changes.
+# ---------------------------------------------------------------------------------------------
+
+def _top_fraction(scores, density):
+    """Bool array of ``scores``' shape keeping the ``max(1, round-half-up(density*size))`` largest,
+    ties to the lower flat index."""
+    flat = scores.ravel()
+    k = n_kept(density, flat.size)
+    keep = np.zeros(flat.size, bool)
+    keep[np.argsort(-flat, kind="stable")[:k]] = True
+    return keep.reshape(scores.shape)
+
+
+def layerwise_topk_mask(weight, density, importance_scores=None) -> np.ndarray:
+    """Unstructured top-k over the whole layer (as LCS uses): rows may keep very different counts."""
+    s = _rows(weight, importance_scores)
+    return _top_fraction(s, density).reshape(np.shape(weight))
+
+
+def global_topk_masks(weights: dict, density, importance_scores: dict | None = None) -> dict:
+    """Unstructured top-k over all given layers together: one magnitude threshold network-wide.
+
+    Layers are concatenated in the order of ``weights`` (ties go to the earlier layer, then the
+    lower flat index).
+    """
+    names = list(weights)
+    scores = [(_rows(weights[n], None if importance_scores is None else importance_scores[n])).ravel()
+              for n in names]
+    keep = _top_fraction(np.concatenate(scores), density)
+    out, start = {}, 0
+    for n, s in zip(names, scores):
+        out[n] = keep[start:start + s.size].reshape(np.shape(weights[n]))
+        start += s.size
+    return out
+
+
+def structured_row_mask(weight, density, importance_scores=None) -> np.ndarray:
+    """Keep whole rows (output units) with the largest L1 norm of importance; prune the rest."""
+    s = _rows(weight, importance_scores)
+    keep_rows = _top_fraction(s.sum(axis=1), density)
+    return np.broadcast_to(keep_rows[:, None], s.shape).reshape(np.shape(weight)).copy()
