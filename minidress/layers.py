@@ -516,6 +516,30 @@ def batchnorm_backward(dout, cache):
     return dx, dgamma, dbeta
 
 
+def _batchnorm_step(layer, x, gamma, beta, running_mean, running_var, override=None):
+    """Forward of a batch-norm layer in its current mode; updates the running statistics (in
+    place) in training mode. Shared by ``BatchNorm`` and ``LevelBatchNorm``."""
+    name = type(layer).__name__
+    if x.ndim not in (2, 4):
+        raise ValueError(f"{name} expects [N, F] or [N, C, H, W] input, got shape {x.shape}")
+    _check_input(x, name, x.ndim, layer.num_features, gamma.dtype)
+    if not layer.training:
+        mean, var = override or (running_mean, running_var)
+        return batchnorm_forward(x, gamma, beta, mean, var, layer.eps)
+    m = x.size // layer.num_features
+    if m < 2:
+        raise ValueError(f"{name} in training mode needs more than one value per feature, "
+                         f"got input shape {x.shape}")
+    out, cache = batchnorm_forward(x, gamma, beta, eps=layer.eps)
+    mean, var = cache[-2:]
+    r = layer.momentum
+    running_mean *= 1 - r
+    running_mean += r * mean
+    running_var *= 1 - r
+    running_var += (r * m / (m - 1)) * var
+    return out, cache
+
+
 class BatchNorm(Layer):
     """Batch normalisation for ``[N, F]`` (1-D) and ``[N, C, H, W]`` (2-D) input.
 
@@ -540,26 +564,8 @@ class BatchNorm(Layer):
         self.buffers["running_var"] = np.ones(num_features, dtype)
 
     def forward(self, x):
-        g = self.params["weight"]
-        if x.ndim not in (2, 4):
-            raise ValueError(f"BatchNorm expects [N, F] or [N, C, H, W] input, got shape {x.shape}")
-        _check_input(x, "BatchNorm", x.ndim, self.num_features, g.dtype)
-        if self.training:
-            m = x.size // self.num_features
-            if m < 2:
-                raise ValueError(f"BatchNorm in training mode needs more than one value per "
-                                 f"feature, got input shape {x.shape}")
-            out, self.cache = batchnorm_forward(x, g, self.params["bias"], eps=self.eps)
-            mean, var = self.cache[-2:]
-            r = self.momentum
-            self.buffers["running_mean"] *= 1 - r
-            self.buffers["running_mean"] += r * mean
-            self.buffers["running_var"] *= 1 - r
-            self.buffers["running_var"] += (r * m / (m - 1)) * var
-        else:
-            out, self.cache = batchnorm_forward(x, g, self.params["bias"],
-                                                self.buffers["running_mean"],
-                                                self.buffers["running_var"], self.eps)
+        out, self.cache = _batchnorm_step(self, x, self.params["weight"], self.params["bias"],
+                                          self.buffers["running_mean"], self.buffers["running_var"])
         return out
 
     def backward(self, dout):
@@ -646,3 +652,76 @@ class PreActBlock(Layer):
 
     def __repr__(self):
         return f"PreActBlock({self.conv1.in_channels}, {self.conv1.out_channels}, s={self.conv1.stride})"
+
+
+class LevelBatchNorm(Layer):
+    """Batch norm with separate statistics and/or affine parameters for each of ``n_levels``
+    sub-networks that share the surrounding weights (DRESS levels, slimmable widths).
+
+    A sparser sub-network sees differently distributed activations, so sharing one set of
+    running statistics across levels can hurt. ``level`` selects the slot in use.
+
+    Parameters
+    ----------
+    num_features : int
+    n_levels : int
+    per_level_stats : bool   one (running_mean, running_var) per level, else one shared set
+    per_level_affine : bool  one (weight, bias) per level, else one shared pair
+
+    Arrays: ``params["weight"], params["bias"]`` are ``[n_affine, F]`` and the buffers
+    ``running_mean, running_var`` are ``[n_stats, F]`` with ``n_affine`` (``n_stats``) equal to
+    ``n_levels`` when per level and 1 when shared. A backward pass at level ``k`` writes only row
+    ``k`` of a per-level gradient, so summing gradients over levels trains each row by its own
+    level.
+
+    ``stats_override``: ``(mean [F], var [F])`` used in eval mode instead of the running
+    statistics (set by BatchNorm recalibration for a density that was not trained); None = off.
+    """
+
+    def __init__(self, num_features, n_levels, per_level_stats=True, per_level_affine=True,
+                 momentum=0.1, eps=1e-5, dtype=np.float32):
+        super().__init__()
+        self.num_features, self.n_levels, self.momentum, self.eps = num_features, n_levels, momentum, eps
+        n_aff, n_st = (n_levels if per_level_affine else 1), (n_levels if per_level_stats else 1)
+        self.params["weight"] = np.ones((n_aff, num_features), dtype)
+        self.params["bias"] = np.zeros((n_aff, num_features), dtype)
+        self.buffers["running_mean"] = np.zeros((n_st, num_features), dtype)
+        self.buffers["running_var"] = np.ones((n_st, num_features), dtype)
+        self.level = 0
+        self.stats_override = None
+
+    @classmethod
+    def from_batchnorm(cls, bn: BatchNorm, n_levels, per_level_stats=True, per_level_affine=True):
+        """Every level starts from ``bn``'s current parameters and statistics."""
+        new = cls(bn.num_features, n_levels, per_level_stats, per_level_affine, bn.momentum, bn.eps,
+                  bn.params["weight"].dtype)
+        for d, src in ((new.params, bn.params), (new.buffers, bn.buffers)):
+            for k in d:
+                d[k][:] = src[k]
+        new.training = bn.training
+        return new
+
+    def _slot(self, arr):
+        if not 0 <= self.level < self.n_levels:
+            raise ValueError(f"level must be in [0, {self.n_levels}), got {self.level}")
+        return self.level if arr.shape[0] > 1 else 0
+
+    def forward(self, x):
+        a, s = self._slot(self.params["weight"]), self._slot(self.buffers["running_mean"])
+        out, self.cache = _batchnorm_step(self, x, self.params["weight"][a], self.params["bias"][a],
+                                          self.buffers["running_mean"][s],
+                                          self.buffers["running_var"][s], self.stats_override)
+        self._affine_slot = a
+        return out
+
+    def backward(self, dout):
+        dx, dgamma, dbeta = batchnorm_backward(dout, self.cache)
+        a = self._affine_slot
+        self.grads["weight"] = np.zeros_like(self.params["weight"])
+        self.grads["bias"] = np.zeros_like(self.params["bias"])
+        self.grads["weight"][a], self.grads["bias"][a] = dgamma, dbeta
+        return dx
+
+    def __repr__(self):
+        return (f"LevelBatchNorm({self.num_features}, levels={self.n_levels}, "
+                f"stats={self.buffers['running_mean'].shape[0]}, affine={self.params['weight'].shape[0]})")
