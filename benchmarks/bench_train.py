@@ -121,14 +121,16 @@ def load_data(data_dir: Path, seed: int):
 
     try:
         ds = load_mnist(data_dir, download=False)
-        x, y, what = ds.x_train, ds.y_train, f"MNIST from {data_dir}"
+        x, y = ds.x_train, ds.y_train
+        what = f"MNIST train set, load_mnist({str(data_dir)!r}, download=False)"
     except (FileNotFoundError, DataError) as e:
         rng = np.random.default_rng(seed)
         x = rng.random((60000, 1, 28, 28), dtype=np.float32)
         y = rng.integers(0, 10, 60000)
         first = str(e).splitlines()[0]
-        what = (f"RANDOM data of MNIST's shape (60000 x 1 x 28 x 28, 10 classes): MNIST not "
-                f"found in {data_dir} ({type(e).__name__}: {first[:120]})")
+        first = first if len(first) <= 100 else first[:97] + "..."
+        what = (f"RANDOM data of MNIST's shape (60000 x 1 x 28 x 28, 10 classes), because MNIST "
+                f"could not be loaded from {data_dir} ({type(e).__name__}: {first})")
     (x,), _ = standardize(x)
     return x.astype(np.float32, copy=False), y, what
 
@@ -271,8 +273,10 @@ def main(argv=None) -> int:
           + (f"torch.get_num_threads() = {torch.get_num_threads()}; " if torch else "")
           + blas_threads_report(args.threads, env_applied))
     print(f"timed: forward + loss + backward + SGD(momentum 0.9, lr {args.lr}) step, float32, "
-          f"from pre-batched arrays (same batches, same order for both frameworks); "
-          f"warm-up {args.warmup} steps; {args.repeats} repeat(s), frameworks interleaved")
+          f"from pre-batched arrays"
+          + (" (same batches, same order for both frameworks)" if torch else "")
+          + f"; warm-up {args.warmup} steps; {args.repeats} repeat(s)"
+          + (", frameworks interleaved" if torch else ""))
     if args.steps is None:
         print(f"epoch: {len(x)} samples = {steps_per_epoch} steps of batch {args.batch_size} "
               f"(full epoch timed)")
@@ -281,8 +285,9 @@ def main(argv=None) -> int:
               f"(a full epoch is {steps_per_epoch} steps of batch {args.batch_size})")
     print(f"not timed: shuffle + gather of one epoch (iterate_minibatches) took {shuffle_s:.3f} s")
     if load0[0] > (os.cpu_count() or 1):
-        print(f"note: the machine is busy (load {load0[0]:.1f} > {os.cpu_count()} CPUs); times "
-              f"are noisy and multi-threaded BLAS suffers most when cores are oversubscribed")
+        print(f"note: the machine is busy (load {load0[0]:.1f} > {os.cpu_count()} CPUs): times are "
+              f"noisy, and multi-threaded runs (BLAS, OpenMP) slow down most when cores are "
+              f"oversubscribed; --threads 1 gives steadier numbers")
     print(flush=True)
 
     runner_types = [MinidressRunner] + ([TorchRunner] if torch else [])
@@ -328,8 +333,10 @@ def main(argv=None) -> int:
         print(" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
         if i == 0:
             print("-+-".join("-" * w for w in widths))
-    print(f"\nratios are paired per repeat (each repeat runs both frameworks back to back); "
-          f"load average at the end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
+    if has_torch:
+        print("\nratios are paired per repeat (each repeat runs both frameworks back to back, "
+              "order alternating); [range] is their min-max over the repeats")
+    print(f"load average at the end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
     return 0
 
 

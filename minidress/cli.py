@@ -1,7 +1,8 @@
 """The ``minidress`` command.
 
-    minidress train [options]          train a model, write a run folder, print a summary
-    minidress eval CHECKPOINT          rebuild a model from its checkpoint and evaluate it
+    minidress train [options]              DRESS on digits with the small CNN (the main job)
+    minidress train --dense [options]      train one dense network instead
+    minidress eval CHECKPOINT [--density D] [--recalibrate]
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import load_dataset
-from .data.batching import standardize
+from .dress import LAMBDAS, NORMS, RAMPS, recalibrate_batchnorm
+from .experiment import RunConfig, build_dress, format_table, load_data, plot_curve, run_experiment
+from .metrics import macs
 from .fileio import atomic_open, atomic_write_bytes
 from .models import MODELS, build_model
 from .optim import SGD, Adam, make_schedule
@@ -40,7 +42,9 @@ def add_data_args(p):
 def add_train_args(p):
     p.add_argument("--model", default="cnn", choices=MODELS)
     p.add_argument("--hidden", default="300,100", help="hidden widths of the MLP, comma-separated")
-    p.add_argument("--epochs", type=int, default=None, help="default: 20 on digits, 10 otherwise")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="DRESS: joint-training epochs (default 10); --dense: epochs (default 20 "
+                        "on digits, 10 otherwise)")
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
     p.add_argument("--lr", type=float, default=None, help="default: 0.05 for SGD, 1e-3 for Adam")
@@ -48,16 +52,23 @@ def add_train_args(p):
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--schedule", default="cosine", choices=["constant", "step", "cosine"])
     p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    p.add_argument("--dense", action="store_true", help="train one dense network, no DRESS")
+    g = p.add_argument_group("DRESS")
+    g.add_argument("--levels", default="1.0,0.5,0.25,0.1", help="trained densities (kept fractions)")
+    g.add_argument("--lambdas", default="uniform",
+                   help="loss weights: uniform, density, inverse_density, or one number per level")
+    g.add_argument("--resample-every", type=int, default=0, help="re-rank every N steps (0 = never)")
+    g.add_argument("--ramp", default="none", choices=RAMPS)
+    g.add_argument("--ramp-epochs", type=float, default=0.0)
+    g.add_argument("--norm", default="per_level", choices=NORMS)
+    g.add_argument("--sparsify-all", action="store_true",
+                   help="sparsify the first layer and the classifier too")
+    g.add_argument("--pretrain-epochs", type=int, default=None, help="default: 10 (0 allowed)")
+    g.add_argument("--finetune-lr", type=float, default=0.01, help="learning rate of the joint phase")
+    g.add_argument("--no-baselines", action="store_true", help="skip single compressed and one-shot")
     p.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-<model>-seed<seed>)")
     p.add_argument("--resume", default=None, help="continue from this run's checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def load_normalised(dataset, data_dir, seed):
-    """The data set with inputs standardised by the training set's per-channel statistics."""
-    ds = load_dataset(dataset, data_dir=data_dir, seed=seed)
-    (x_train, x_test), _ = standardize(ds.x_train, ds.x_test)
-    return ds, x_train, x_test
 
 
 def make_optimizer(args):
@@ -67,10 +78,60 @@ def make_optimizer(args):
                weight_decay=args.weight_decay)
 
 
+def _levels(text):
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--levels must be comma-separated numbers in (0, 1], got {text!r}") from None
+
+
+def _lambdas(text):
+    if text in LAMBDAS:
+        return text
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--lambdas must be one of {LAMBDAS} or comma-separated numbers, "
+                         f"got {text!r}") from None
+
+
 def cmd_train(args):
+    return cmd_train_dense(args) if args.dense else cmd_train_dress(args)
+
+
+def cmd_train_dress(args):
+    if args.resume:
+        raise ValueError("--resume applies to --dense runs")
+    cfg = RunConfig(dataset=args.dataset, data_dir=args.data_dir, model=args.model,
+                    hidden=tuple(int(h) for h in args.hidden.split(",") if h),
+                    levels=_levels(args.levels), lambdas=_lambdas(args.lambdas),
+                    resample_every=args.resample_every, ramp=args.ramp, ramp_epochs=args.ramp_epochs,
+                    norm=args.norm, dense_first_last=not args.sparsify_all,
+                    pretrain_epochs=10 if args.pretrain_epochs is None else args.pretrain_epochs,
+                    epochs=10 if args.epochs is None else args.epochs, batch_size=args.batch_size,
+                    lr=args.lr or 0.05, finetune_lr=args.finetune_lr, momentum=args.momentum,
+                    weight_decay=args.weight_decay, seed=args.seed, baselines=not args.no_baselines,
+                    quiet=args.quiet)
+    out = Path(args.out or f"runs/dress-{args.dataset}-{args.model}-seed{args.seed}")
+    print(f"minidress train: DRESS on {cfg.dataset} with the {cfg.model} model, seed {cfg.seed}")
+    result = run_experiment(cfg, checkpoint_path=out / "checkpoint.npz")
+    result.pop("dress")
+    atomic_write_bytes(out / "metrics.json", json.dumps(result, indent=2).encode())
+    plot_curve(result, out / "accuracy_vs_density.png")
+    print(f"\ndense pre-trained network: {100 * result['dense_acc']:.2f}% test accuracy\n")
+    print(format_table(result))
+    worst = min(result["curve"], key=lambda p: p["recalibrated_acc"])
+    print(f"\nfine-grained curve ({len(result['curve'])} densities, recalibrated BN): lowest "
+          f"{100 * worst['recalibrated_acc']:.2f}% at density {worst['density']:g}")
+    print(f"run folder: {out}/ (checkpoint.npz, metrics.json, accuracy_vs_density.png); "
+          f"{result['seconds']['total']:.0f} s")
+    return 0
+
+
+def cmd_train_dense(args):
     t0 = time.perf_counter()
     epochs = args.epochs if args.epochs is not None else (20 if args.dataset == "digits" else 10)
-    ds, x_train, x_test = load_normalised(args.dataset, args.data_dir, args.seed)
+    ds, x_train, x_test = load_data(RunConfig(dataset=args.dataset, data_dir=args.data_dir, seed=args.seed))
     spec = {"name": args.model, "input_shape": list(x_train.shape[1:]), "n_classes": ds.n_classes,
             "hidden": [int(h) for h in args.hidden.split(",") if h]}
     model = build_model(spec["name"], tuple(spec["input_shape"]), spec["n_classes"], args.seed,
@@ -78,7 +139,7 @@ def cmd_train(args):
     opt = make_optimizer(args)
     steps = epochs * -(-len(x_train) // args.batch_size)
     schedule = make_schedule(args.schedule, opt.lr, steps, warmup=args.warmup)
-    out = Path(args.out or f"runs/{args.dataset}-{args.model}-seed{args.seed}")
+    out = Path(args.out or f"runs/dense-{args.dataset}-{args.model}-seed{args.seed}")
     config = {k: v for k, v in vars(args).items() if k != "func"} | {"epochs": epochs}
     print(f"minidress train: {ds.summary()}")
     print(f"model {args.model}: {sum(p.size for p in model.parameters().values()):,} parameters; "
@@ -124,16 +185,32 @@ def plot_history(history, path, title):
 
 def cmd_eval(args):
     meta = load_checkpoint(args.checkpoint)
-    spec = meta["model"]
-    state = meta["model_state"]
+    spec, state = meta["model"], meta["model_state"]
     dtype = next(iter(state.values())).dtype
-    model = build_model(spec["name"], tuple(spec["input_shape"]), spec["n_classes"],
-                        hidden=tuple(spec["hidden"]), dtype=dtype)
-    model.load_state(state)
-    dataset = args.dataset or meta["dataset"]
-    ds, _, x_test = load_normalised(dataset, args.data_dir, meta.get("seed", 0))
-    loss, acc = evaluate(model, x_test.astype(dtype), ds.y_test)
-    print(f"{args.checkpoint}: {dataset} test accuracy {acc:.4f} (loss {loss:.4f})")
+    is_dress = "dress_step" in state
+    if is_dress:
+        dress = build_dress(spec, meta["config"], dtype)
+        dress.load_state(state)
+        model = dress.model
+    else:
+        if args.density is not None or args.recalibrate:
+            raise ValueError(f"{args.checkpoint} is a dense checkpoint: --density needs a DRESS run")
+        model = build_model(spec["name"], tuple(spec["input_shape"]), spec["n_classes"],
+                            hidden=tuple(spec["hidden"]), dtype=dtype)
+        model.load_state(state)
+    cfg = RunConfig(dataset=args.dataset or meta["dataset"], data_dir=args.data_dir,
+                    seed=meta.get("seed", 0))
+    ds, x_train, x_test = load_data(cfg)
+    densities = [args.density] if args.density is not None else (list(dress.levels) if is_dress else [None])
+    for d in densities:
+        if d is not None:
+            dress.use(d)
+            if args.recalibrate:
+                recalibrate_batchnorm(dress, x_train, d, args.recalibrate_batches, 128, cfg.seed)
+        loss, acc = evaluate(model, x_test, ds.y_test)
+        where = f" at density {d:g}" if d is not None else ""
+        extra = f", {macs(model, x_test.shape[1:]):,} MACs" if d is not None else ""
+        print(f"{args.checkpoint}: {cfg.dataset} test accuracy{where} {acc:.4f} (loss {loss:.4f}{extra})")
     return 0
 
 
@@ -141,7 +218,7 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="minidress", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train a model and write a run folder")
+    p = sub.add_parser("train", help="train DRESS (or, with --dense, one network); write a run folder")
     add_data_args(p)
     add_train_args(p)
     p.set_defaults(func=cmd_train)
@@ -149,6 +226,11 @@ def build_parser():
     p.add_argument("checkpoint")
     p.add_argument("--dataset", default=None, help="default: the data set it was trained on")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--density", type=float, default=None,
+                   help="DRESS: evaluate the sub-network at this density (default: every trained level)")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="DRESS: recalibrate batch-norm statistics at that density on training batches")
+    p.add_argument("--recalibrate-batches", type=int, default=10)
     p.set_defaults(func=cmd_eval)
     return parser
 
