@@ -3,6 +3,7 @@
     minidress train [options]              DRESS on digits with the small CNN (the main job)
     minidress train --dense [options]      train one dense network instead
     minidress eval CHECKPOINT [--density D] [--recalibrate]
+    minidress golden --out FILE.npz | --check FILE.npz
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 from .checkpoint import load_checkpoint, save_checkpoint
 from .dress import LAMBDAS, NORMS, RAMPS, recalibrate_batchnorm
 from .experiment import RunConfig, build_dress, format_table, load_data, plot_curve, run_experiment
+from .golden import GOLDEN_VERSION, check_golden, write_golden
 from .metrics import macs
 from .fileio import atomic_open, atomic_write_bytes
 from .models import MODELS, build_model
@@ -214,6 +216,23 @@ def cmd_eval(args):
     return 0
 
 
+def cmd_golden(args):
+    if (args.out is None) == (args.check is None):
+        raise ValueError("golden needs exactly one of --out FILE (write) or --check FILE (verify)")
+    if args.out:
+        path = write_golden(args.out, args.seed)
+        print(f"wrote {path} (format {GOLDEN_VERSION}; arrays documented in docs/golden-format.md)")
+        return 0
+    diffs = check_golden(args.check)
+    width = max(map(len, diffs))
+    for name, d in diffs.items():
+        print(f"{name:<{width}}  max abs diff {d:.3e}{'' if d <= args.tol else '   <-- above tolerance'}")
+    worst = max(diffs.values())
+    print(f"{len(diffs)} tensors, largest difference {worst:.3e} (tolerance {args.tol:g}): "
+          f"{'OK' if worst <= args.tol else 'MISMATCH'}")
+    return 0 if worst <= args.tol else 1
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="minidress", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -232,6 +251,12 @@ def build_parser():
                    help="DRESS: recalibrate batch-norm statistics at that density on training batches")
     p.add_argument("--recalibrate-batches", type=int, default=10)
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("golden", help="write or check the golden vectors of one DRESS step")
+    p.add_argument("--out", default=None, help="write the golden file here")
+    p.add_argument("--check", default=None, help="recompute a golden file and report differences")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tol", type=float, default=1e-10)
+    p.set_defaults(func=cmd_golden)
     return parser
 
 

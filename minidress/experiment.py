@@ -56,6 +56,10 @@ class RunConfig:
     quiet: bool = False
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        # Fail before minutes of pre-training, not after: build a throw-away Dress on a stub.
+        Dress(build_model("mlp", (4,), 2, hidden=(3, 3)), self.levels, **self.dress_options(1))
+
     def dress_options(self, steps_per_epoch):
         return dict(lambdas=self.lambdas, resample_every=self.resample_every, ramp=self.ramp,
                     ramp_steps=int(self.ramp_epochs * steps_per_epoch), norm=self.norm,

@@ -1,0 +1,66 @@
+"""The main job end to end on a tiny budget: DRESS, baselines, table, plot, checkpoint, eval."""
+import json
+
+import numpy as np
+import pytest
+
+from minidress.cli import main
+from minidress.experiment import RunConfig, format_table, run_experiment
+
+
+@pytest.fixture(scope="module")
+def result():
+    cfg = RunConfig(model="mlp", hidden=(32, 16), pretrain_epochs=2, epochs=1, grid=(0.1, 0.3, 1.0),
+                    recalibrate_batches=2, quiet=True)
+    return run_experiment(cfg)
+
+
+def test_every_level_has_dress_and_baselines(result):
+    assert [lv["density"] for lv in result["levels"]] == [1.0, 0.5, 0.25, 0.1]
+    for lv in result["levels"]:
+        for key in ("dress_acc", "single_acc", "one_shot_acc"):
+            assert 0.0 <= lv[key] <= 1.0
+    macs = [lv["macs"] for lv in result["levels"]]
+    assert macs == sorted(macs, reverse=True) and macs[-1] < macs[0]
+    assert result["passes"]["dress"] == 4 * result["passes"]["single_each"]
+    b = result["bytes"]
+    assert b["dense"] < b["nested"] < b["separate"]
+    assert "| 0.25 |" in format_table(result)
+
+
+def test_same_seed_same_numbers():
+    cfg = RunConfig(model="mlp", hidden=(16, 16), pretrain_epochs=1, epochs=1, grid=(0.5,),
+                    baselines=False, recalibrate_batches=1, quiet=True)
+    a, b = run_experiment(cfg), run_experiment(cfg)
+    assert a["levels"] == b["levels"] and a["curve"] == b["curve"]
+    for k, v in a["dress"].model.state().items():
+        assert np.array_equal(v, b["dress"].model.state()[k])
+
+
+def test_cli_train_dress_then_eval_any_density(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", "mlp", "--hidden", "32,16", "--pretrain-epochs", "1",
+                 "--epochs", "1", "--levels", "1,0.3", "--lambdas", "inverse_density",
+                 "--quiet", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| 0.3 |" in printed and "one nested copy" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["lambdas"] == "inverse_density"
+    assert (out / "accuracy_vs_density.png").stat().st_size > 0
+    dress_acc = {lv["density"]: lv["dress_acc"] for lv in metrics["levels"]}
+    assert main(["eval", str(out / "checkpoint.npz")]) == 0
+    printed = capsys.readouterr().out
+    assert f"at density 0.3 {dress_acc[0.3]:.4f}" in printed
+    assert main(["eval", str(out / "checkpoint.npz"), "--density", "0.17", "--recalibrate"]) == 0
+    assert "at density 0.17" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--levels", "1,0"], "levels must be in (0, 1]"),
+    (["--levels", "1,x"], "--levels must be comma-separated"),
+    (["--lambdas", "1,2,3"], "lambdas must be 4 finite"),
+])
+def test_cli_rejects_bad_dress_options(tmp_path, capsys, argv, message):
+    assert main(["train", "--quiet", "--pretrain-epochs", "0", "--epochs", "0", "--out",
+                 str(tmp_path), *argv]) == 2
+    assert message in capsys.readouterr().err
