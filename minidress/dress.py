@@ -72,6 +72,20 @@ def cubic_density(target, step, ramp_steps) -> float:
     return target + (1.0 - target) * (1.0 - frac) ** 3
 
 
+def check_options(levels, lambdas="uniform", resample_every=0, ramp="none", norm="per_level"):
+    """Validate DRESS options (errors name the option); return ``(levels, lambdas [K])``."""
+    levels = tuple(check_density(d, "levels") for d in levels)
+    if not levels or len(set(levels)) != len(levels):
+        raise ValueError(f"levels must be distinct densities, at least one, got {list(levels)}")
+    if int(resample_every) < 0:
+        raise ValueError(f"resample_every must be >= 0 (0 = never), got {resample_every}")
+    if ramp not in RAMPS:
+        raise ValueError(f"ramp must be one of {RAMPS}, got {ramp!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    return levels, resolve_lambdas(lambdas, levels)
+
+
 def sparsifiable_layers(model, dense_first_last=True) -> dict:
     """The Linear and Conv2d layers DRESS sparsifies, by name, in forward order (the order of
     ``model.named_layers``); with ``dense_first_last`` the first and the last stay dense."""
@@ -118,16 +132,7 @@ class Dress:
 
     def __init__(self, model, levels=DEFAULT_LEVELS, lambdas="uniform", resample_every=0,
                  ramp="none", ramp_steps=0, norm="per_level", dense_first_last=True):
-        self.levels = tuple(check_density(d, "levels") for d in levels)
-        if not self.levels or len(set(self.levels)) != len(self.levels):
-            raise ValueError(f"levels must be distinct densities, at least one, got {list(levels)}")
-        self.lambdas = resolve_lambdas(lambdas, self.levels)
-        if int(resample_every) < 0:
-            raise ValueError(f"resample_every must be >= 0 (0 = never), got {resample_every}")
-        if ramp not in RAMPS:
-            raise ValueError(f"ramp must be one of {RAMPS}, got {ramp!r}")
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        self.levels, self.lambdas = check_options(levels, lambdas, resample_every, ramp, norm)
         self.model, self.resample_every, self.ramp, self.ramp_steps = model, int(resample_every), ramp, ramp_steps
         self.norm = norm
         k = len(self.levels)

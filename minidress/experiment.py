@@ -21,7 +21,7 @@ import numpy as np
 
 from .data import load_dataset
 from .data.batching import standardize
-from .dress import DEFAULT_LEVELS, Dress, recalibrate_batchnorm
+from .dress import DEFAULT_LEVELS, Dress, check_options, recalibrate_batchnorm
 from .metrics import kept_parameters, macs, storage_bytes
 from .models import build_model
 from .optim import SGD, make_schedule
@@ -57,8 +57,8 @@ class RunConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        # Fail before minutes of pre-training, not after: build a throw-away Dress on a stub.
-        Dress(build_model("mlp", (4,), 2, hidden=(3, 3)), self.levels, **self.dress_options(1))
+        # Fail before minutes of pre-training, not after.
+        check_options(self.levels, self.lambdas, self.resample_every, self.ramp, self.norm)
 
     def dress_options(self, steps_per_epoch):
         return dict(lambdas=self.lambdas, resample_every=self.resample_every, ramp=self.ramp,
