@@ -424,36 +424,33 @@ def avgpool_backward(dout, cache):
     return _scatter_windows(dwin, x_shape, k, stride)
 
 
-class MaxPool2d(Layer):
+class _Pool2d(Layer):
+    """A ``k x k`` pooling layer over its ``forward``/``backward`` function pair."""
+    forward_fn = backward_fn = None
+
     def __init__(self, kernel_size=2, stride=None):
         super().__init__()
         self.k, self.stride = kernel_size, kernel_size if stride is None else stride
 
     def forward(self, x):
-        out, self.cache = maxpool_forward(x, self.k, self.stride)
+        out, self.cache = self.forward_fn(x, self.k, self.stride)
         return out
 
     def backward(self, dout):
-        return maxpool_backward(dout, self.cache)
+        return self.backward_fn(dout, self.cache)
 
     def __repr__(self):
-        return f"MaxPool2d({self.k}, s={self.stride})"
+        return f"{type(self).__name__}({self.k}, s={self.stride})"
 
 
-class AvgPool2d(Layer):
-    def __init__(self, kernel_size=2, stride=None):
-        super().__init__()
-        self.k, self.stride = kernel_size, kernel_size if stride is None else stride
+class MaxPool2d(_Pool2d):
+    """Max pooling: ``[N, C, H, W]`` -> ``[N, C, Ho, Wo]``."""
+    forward_fn, backward_fn = staticmethod(maxpool_forward), staticmethod(maxpool_backward)
 
-    def forward(self, x):
-        out, self.cache = avgpool_forward(x, self.k, self.stride)
-        return out
 
-    def backward(self, dout):
-        return avgpool_backward(dout, self.cache)
-
-    def __repr__(self):
-        return f"AvgPool2d({self.k}, s={self.stride})"
+class AvgPool2d(_Pool2d):
+    """Average pooling: ``[N, C, H, W]`` -> ``[N, C, Ho, Wo]``."""
+    forward_fn, backward_fn = staticmethod(avgpool_forward), staticmethod(avgpool_backward)
 
 
 class GlobalAvgPool(Layer):
