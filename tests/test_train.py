@@ -156,10 +156,10 @@ def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["c.npz"]
 
 
-def test_cli_train_then_eval(tmp_path, capsys):
+def test_cli_train_dense_then_eval(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--epochs", "2", "--quiet", "--out", str(out), "--model", "mlp",
-                 "--hidden", "32"]) == 0
+    assert main(["train", "--dense", "--epochs", "2", "--quiet", "--out", str(out),
+                 "--model", "mlp", "--hidden", "32"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["history"]) == 2 and 0 <= metrics["test_acc"] <= 1
     assert (out / "curves.png").stat().st_size > 0
