@@ -21,8 +21,11 @@ The paper's body is not available to us, only the abstract, so everything it lea
 named option here, never a claim about the paper:
 
 * ``lambdas``: ``"uniform"``, ``"density"`` (proportional to d), ``"inverse_density"``
-  (proportional to 1/d), or an explicit list. Named schemes are normalised to sum to 1 so that
-  the learning rate means the same as for one network; an explicit list is used as given.
+  (proportional to 1/d), or an explicit list. Named schemes are normalised to average 1 (sum
+  K), so ``"uniform"`` is the plain ``sum_k loss_k``: each level's loss then moves the weights as
+  a single network's loss would at the same learning rate. (Normalising to sum 1 instead divides
+  every level's step by K; ``benchmarks/choose_defaults.py`` measured that it costs the sparsest
+  level about a point on digits.) An explicit list is used as given.
 * ``resample_every``: re-rank every row from the current weights every N joint steps (0 = rank
   once, from the pre-trained weights, and never again).
 * ``ramp``: ``"none"``, or ``"cubic"`` (Zhu & Gupta, 2017): over ``ramp_steps`` steps each sparse
@@ -58,7 +61,7 @@ def resolve_lambdas(lambdas, levels) -> np.ndarray:
         if lambdas not in LAMBDAS:
             raise ValueError(f"lambdas must be one of {LAMBDAS} or a list of {len(d)} numbers, got {lambdas!r}")
         w = {"uniform": np.ones_like(d), "density": d, "inverse_density": 1 / d}[lambdas]
-        return w / w.sum()
+        return w / w.mean()
     w = np.asarray(lambdas, np.float64)
     if w.shape != d.shape or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
         raise ValueError(f"lambdas must be {len(d)} finite non-negative numbers (one per level) "
