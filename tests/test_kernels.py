@@ -1,0 +1,140 @@
+"""Row-sparse kernels: kernel == NumPy reference (bit for bit) == dense masked product, on random
+shapes, prefix lengths (0, 1, full and in between) and both float dtypes. Also passes with
+NUMBA_DISABLE_JIT=1, where the kernels run as plain Python."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minidress.kernels import (im2col_cnhw, rowsparse_conv2d, rowsparse_conv2d_reference,
+                               rowsparse_matmul, rowsparse_matmul_reference, rowsparse_matvec,
+                               rowsparse_matvec_reference)
+from minidress.kernels import rowsparse as rs
+from minidress.layers import conv2d_forward, im2col
+from minidress.metrics import index_dtype
+
+DTYPES = [np.float32, np.float64]
+TOL = {np.float32: 1e-5, np.float64: 1e-12}
+
+
+def random_rowsparse(rng, rows, row_len, kmax, dtype):
+    """values/cols of a random row-sparse matrix and its dense equivalent ``W [rows, row_len]``."""
+    cols = np.stack([rng.permutation(row_len)[:kmax] for _ in range(rows)]).reshape(rows, kmax)
+    cols = cols.astype(index_dtype(row_len))
+    values = rng.standard_normal((rows, kmax)).astype(dtype)
+    return values, cols
+
+
+def dense_masked(values, cols, k, row_len):
+    """The dense matrix ``W * M`` that the first ``k`` entries of every row describe."""
+    w = np.zeros((values.shape[0], row_len), values.dtype)
+    np.put_along_axis(w, cols[:, :k].astype(np.int64), values[:, :k], axis=1)
+    return w
+
+
+problems = st.tuples(st.integers(1, 40), st.integers(1, 70), st.integers(0, 3), st.integers(1, 33),
+                     st.sampled_from(DTYPES), st.integers(0, 2**16))
+
+
+def k_choice(kind, kmax, rng):
+    return {0: 0, 1: min(1, kmax), 2: kmax}.get(kind, int(rng.integers(0, kmax + 1)))
+
+
+@settings(max_examples=80, deadline=None)
+@given(problems)
+def test_matmul_kernel_equals_reference_equals_dense(p):
+    rows, row_len, kind, batch, dtype, seed = p
+    rng = np.random.default_rng(seed)
+    kmax = int(rng.integers(1, row_len + 1))
+    values, cols = random_rowsparse(rng, rows, row_len, kmax, dtype)
+    k = k_choice(kind, kmax, rng)
+    xt = rng.standard_normal((row_len, batch)).astype(dtype)
+    ours = rowsparse_matmul(values, cols, k, xt)
+    ref = rowsparse_matmul_reference(values, cols, k, xt)
+    assert ours.dtype == dtype and ours.shape == (rows, batch)
+    assert np.array_equal(ours, ref), f"kernel vs reference, max abs diff {np.abs(ours - ref).max():.3e}"
+    np.testing.assert_allclose(ours, dense_masked(values, cols, k, row_len) @ xt,
+                               rtol=TOL[dtype], atol=TOL[dtype] * max(1, k))
+
+
+@settings(max_examples=80, deadline=None)
+@given(problems)
+def test_matvec_kernel_equals_reference_equals_dense(p):
+    rows, row_len, kind, _, dtype, seed = p
+    rng = np.random.default_rng(seed)
+    kmax = int(rng.integers(1, row_len + 1))
+    values, cols = random_rowsparse(rng, rows, row_len, kmax, dtype)
+    k = k_choice(kind, kmax, rng)
+    x = rng.standard_normal(row_len).astype(dtype)
+    ours = rowsparse_matvec(values, cols, k, x)
+    assert np.array_equal(ours, rowsparse_matvec_reference(values, cols, k, x))
+    np.testing.assert_allclose(ours, dense_masked(values, cols, k, row_len) @ x,
+                               rtol=TOL[dtype], atol=TOL[dtype] * max(1, k))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_parallel_and_blocked_paths_equal_serial_ones(rng, dtype, monkeypatch):
+    """Large enough to take the multi-threaded loops, and (with a tiny block size) the column
+    blocks; each thread owns whole rows, so the result must not change with the split."""
+    values, cols = random_rowsparse(rng, 40, 300, 64, dtype)
+    xt = rng.standard_normal((300, 600)).astype(dtype)
+    x = xt[:, 0].copy()
+    monkeypatch.setattr(rs, "BLOCK_BYTES", 1)           # blocks of 256 columns: 3 of them
+    big = rowsparse_matmul(values, cols, 50, xt), rowsparse_matvec(values, cols, 50, x)
+    monkeypatch.setattr(rs, "PARALLEL_MIN_WORK", 1 << 62)
+    small = rowsparse_matmul(values, cols, 50, xt), rowsparse_matvec(values, cols, 50, x)
+    assert np.array_equal(big[0], small[0]) and np.array_equal(big[1], small[1])
+    assert np.array_equal(big[0], rowsparse_matmul_reference(values, cols, 50, xt))
+
+
+def test_out_argument_is_written_in_place(rng):
+    values, cols = random_rowsparse(rng, 5, 9, 4, np.float64)
+    xt = rng.standard_normal((9, 3))
+    out = np.full((5, 3), np.nan)
+    assert rowsparse_matmul(values, cols, 3, xt, out=out) is out
+    assert np.array_equal(out, rowsparse_matmul_reference(values, cols, 3, xt))
+
+
+@pytest.mark.parametrize("case", [(2, 3, 5, 5, 4, 3, 1, 1), (1, 2, 7, 6, 3, 3, 2, 0),
+                                  (3, 2, 4, 5, 3, 1, 1, 0), (1, 1, 4, 4, 2, 2, 3, 2)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_kernel_equals_reference_equals_dense_conv(rng, case, dtype):
+    n, c, h, w, co, kk, s, p = case
+    row_len = c * kk * kk
+    values, cols = random_rowsparse(rng, co, row_len, row_len, dtype)
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    x_cnhw = np.ascontiguousarray(x.transpose(1, 0, 2, 3))
+    for k in (0, 1, row_len // 2, row_len):
+        ours = rowsparse_conv2d(values, cols, k, x_cnhw, kk, kk, s, p)
+        assert np.array_equal(ours, rowsparse_conv2d_reference(values, cols, k, x_cnhw, kk, kk, s, p))
+        wt = dense_masked(values, cols, k, row_len).reshape(co, c, kk, kk)
+        dense, _ = conv2d_forward(x, wt, np.zeros(co, dtype), s, p)
+        np.testing.assert_allclose(ours.transpose(1, 0, 2, 3), dense, rtol=TOL[dtype], atol=TOL[dtype] * row_len)
+
+
+def test_im2col_cnhw_is_the_transpose_of_im2col(rng):
+    x = rng.standard_normal((2, 3, 6, 5))
+    batch_major, shape = im2col(x, 3, 2, 2, 1)
+    feature_major, shape2 = im2col_cnhw(np.ascontiguousarray(x.transpose(1, 0, 2, 3)), 3, 2, 2, 1)
+    assert shape == shape2 and feature_major.flags.c_contiguous
+    assert np.array_equal(feature_major, batch_major.T)
+
+
+def test_bad_arguments_get_clear_errors(rng):
+    values, cols = random_rowsparse(rng, 4, 10, 5, np.float32)
+    xt = rng.standard_normal((10, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match="k must be in \\[0, 5\\]"):
+        rowsparse_matmul(values, cols, 6, xt)
+    with pytest.raises(ValueError, match="k must be in"):
+        rowsparse_matmul(values, cols, -1, xt)
+    with pytest.raises(TypeError, match="expected float32"):
+        rowsparse_matmul(values, cols, 2, xt.astype(np.float64))
+    with pytest.raises(ValueError, match="unsigned integer"):
+        rowsparse_matmul(values, cols.astype(np.int64), 2, xt)
+    with pytest.raises(ValueError, match="2-D array"):
+        rowsparse_matmul(values, cols, 2, xt[:, 0])
+    with pytest.raises(ValueError, match="C-contiguous"):
+        rowsparse_matmul(values, cols, 2, np.asfortranarray(xt))
+    with pytest.raises(ValueError, match="column index 9 >= in_features = 5"):
+        cols[0, 0] = 9
+        rowsparse_matvec(values, cols, 2, xt[:5, 0].copy())
