@@ -3,6 +3,7 @@
     minidress train [options]              DRESS on digits with the small CNN (the main job)
     minidress train --dense [options]      train one dense network instead
     minidress eval CHECKPOINT [--density D] [--recalibrate]
+    minidress inspect STORE                what a DRESS store holds, and what it saves
     minidress golden --out FILE.npz | --check FILE.npz
 """
 from __future__ import annotations
@@ -22,6 +23,8 @@ from .golden import GOLDEN_VERSION, check_golden, write_golden
 from .metrics import macs
 from .fileio import atomic_open, atomic_write_bytes
 from .models import MODELS, build_model
+from .runtime import DeployedModel
+from .store import STORE_VERSION, Store
 from .optim import SGD, Adam, make_schedule
 from .train import evaluate, fit
 
@@ -117,7 +120,9 @@ def cmd_train_dress(args):
     out = Path(args.out or f"runs/dress-{args.dataset}-{args.model}-seed{args.seed}")
     print(f"minidress train: DRESS on {cfg.dataset} with the {cfg.model} model, seed {cfg.seed}")
     result = run_experiment(cfg, checkpoint_path=out / "checkpoint.npz")
-    result.pop("dress")
+    dress = result.pop("dress")
+    Store.from_dress(dress, meta={"model": result["model"], "config": result["config"],
+                                  "dataset": result["dataset"]}).save(out / "store.npz")
     atomic_write_bytes(out / "metrics.json", json.dumps(result, indent=2).encode())
     plot_curve(result, out / "accuracy_vs_density.png")
     print(f"\ndense pre-trained network: {100 * result['dense_acc']:.2f}% test accuracy\n")
@@ -125,7 +130,7 @@ def cmd_train_dress(args):
     worst = min(result["curve"], key=lambda p: p["recalibrated_acc"])
     print(f"\nfine-grained curve ({len(result['curve'])} densities, recalibrated BN): lowest "
           f"{100 * worst['recalibrated_acc']:.2f}% at density {worst['density']:g}")
-    print(f"run folder: {out}/ (checkpoint.npz, metrics.json, accuracy_vs_density.png); "
+    print(f"run folder: {out}/ (checkpoint.npz, store.npz, metrics.json, accuracy_vs_density.png); "
           f"{result['seconds']['total']:.0f} s")
     return 0
 
@@ -216,6 +221,32 @@ def cmd_eval(args):
     return 0
 
 
+def cmd_inspect(args):
+    store = Store.load(args.store)
+    deployed = DeployedModel.from_store(store)
+    spec = store.meta["model"]
+    print(f"{args.store}: DRESS store (format {STORE_VERSION}), {spec['name']} on "
+          f"{store.meta.get('dataset', '?')}, {store.dtype}, order {store.order!r}")
+    print(f"levels {list(store.levels)}; {len(store.sparse)} row-sparse layers, "
+          f"{len(store.dense)} dense arrays\n")
+    print("| layer | weight | row length | column index | entries per row, by level |")
+    print("|---|---|---|---|---|")
+    for name, rs in store.sparse.items():
+        print(f"| {name} | {'x'.join(map(str, rs.shape))} | {rs.row_len} | {rs.cols.dtype} | "
+              f"{', '.join(map(str, rs.prefix))} |")
+    print("\n| density | MACs per sample |\n|---|---|")
+    for d in sorted(store.levels, reverse=True):
+        print(f"| {d:g} | {deployed.set_density(d).macs():,} |")
+    b = store.accounting()
+    k = len(store.levels)
+    print(f"\n| holding all {k} levels as | bytes | vs this store |\n|---|---|---|")
+    for key, label in (("nested", "this store: one nested copy"), ("separate", f"{k} row-sparse models"),
+                       ("separate_csr", f"{k} CSR models"), ("separate_dense", f"{k} dense models"),
+                       ("dense", "(one dense model, one level only)")):
+        print(f"| {label} | {b[key]:,} | {b[key] / b['nested']:.2f}x |")
+    return 0
+
+
 def cmd_golden(args):
     if (args.out is None) == (args.check is None):
         raise ValueError("golden needs exactly one of --out FILE (write) or --check FILE (verify)")
@@ -251,6 +282,9 @@ def build_parser():
                    help="DRESS: recalibrate batch-norm statistics at that density on training batches")
     p.add_argument("--recalibrate-batches", type=int, default=10)
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("inspect", help="show what a DRESS store (store.npz) holds and saves")
+    p.add_argument("store")
+    p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("golden", help="write or check the golden vectors of one DRESS step")
     p.add_argument("--out", default=None, help="write the golden file here")
     p.add_argument("--check", default=None, help="recompute a golden file and report differences")

@@ -185,8 +185,10 @@ def format_table(result) -> str:
     b = result["bytes"]
     k = len(result["levels"])
     rows.append("")
-    rows.append(f"stored bytes: one nested copy {b['nested']:,}; {k} separate row-sparse models "
-                f"{b['separate']:,} ({b['separate'] / b['nested']:.2f}x); dense model {b['dense']:,}")
+    rows.append(f"stored bytes: one nested copy {b['nested']:,} (all {k} levels); {k} separate models: "
+                f"row-sparse {b['separate']:,} ({b['separate'] / b['nested']:.2f}x), CSR "
+                f"{b['separate_csr']:,} ({b['separate_csr'] / b['nested']:.2f}x), dense "
+                f"{b['separate_dense']:,} ({b['separate_dense'] / b['nested']:.2f}x); one dense model {b['dense']:,}")
     p = result["passes"]
     line = f"training passes (sub-network forward+backward): pre-train {p['pretrain']:,}, DRESS {p['dress']:,}"
     if "single_each" in p:

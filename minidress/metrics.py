@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 
 from .layers import Conv2d, Linear
-from .masks import n_kept
 
 
 def index_dtype(row_len: int) -> np.dtype:
@@ -50,32 +49,8 @@ def kept_parameters(model) -> int:
     return total
 
 
-def storage_bytes(dress, value_dtype=np.float32) -> dict:
-    """Bytes to store every level: one nested copy, K separate row-sparse models, or the dense
-    model.
-
-    * nested: each sparsified row stores its densest level's entries once, in rank order
-      (value + column index of the narrowest type), plus K prefix lengths per layer; everything
-      else (dense layers, biases, per-level norms) once.
-    * separate: each level on its own, a sparsified layer as ``rows x n_kept`` values and indices
-      (or dense values at density 1.0), plus its own copy of the dense parameters (with its own
-      level's norm parameters only).
-    * dense: the backbone as a plain dense model.
-    """
-    v = np.dtype(value_dtype).itemsize
-    k = len(dress.levels)
-    sparse_names = {f"{name}.weight" for name in dress.layers}
-    params = dress.model.parameters()
-    bn_all = sum(bn.params["weight"].size + bn.params["bias"].size for bn in dress.batchnorms)
-    bn_one = sum(bn.params["weight"][0].size + bn.params["bias"][0].size for bn in dress.batchnorms)
-    shared = sum(p.size for n, p in params.items() if n not in sparse_names) - bn_all
-    nested, separate = (shared + bn_all) * v, k * (shared + bn_one) * v
-    dense = (shared + bn_one) * v
-    for layer in dress.layers.values():
-        rows, row_len = layer.buffers["ranks"].shape
-        idx = index_dtype(row_len).itemsize
-        kept = [n_kept(d, row_len) for d in dress.levels]
-        nested += rows * max(kept) * (v + idx) + k * 4
-        separate += sum(rows * row_len * v if m == row_len else rows * m * (v + idx) for m in kept)
-        dense += rows * row_len * v
-    return {"nested": int(nested), "separate": int(separate), "dense": int(dense)}
+def storage_bytes(dress) -> dict:
+    """Bytes to hold every level of ``dress``: one nested copy against K separate models
+    (row-sparse, CSR, dense) and one dense model; see ``minidress.store.Store.accounting``."""
+    from .store import Store
+    return Store.from_dress(dress).accounting()

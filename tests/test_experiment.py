@@ -24,7 +24,7 @@ def test_every_level_has_dress_and_baselines(result):
     assert macs == sorted(macs, reverse=True) and macs[-1] < macs[0]
     assert result["passes"]["dress"] == 4 * result["passes"]["single_each"]
     b = result["bytes"]
-    assert b["dense"] < b["nested"] < b["separate"]
+    assert b["dense"] < b["nested"] < b["separate"] < b["separate_csr"]
     assert "| 0.25 |" in format_table(result)
 
 
@@ -53,6 +53,10 @@ def test_cli_train_dress_then_eval_any_density(tmp_path, capsys):
     assert f"at density 0.3 {dress_acc[0.3]:.4f}" in printed
     assert main(["eval", str(out / "checkpoint.npz"), "--density", "0.17", "--recalibrate"]) == 0
     assert "at density 0.17" in capsys.readouterr().out
+    assert main(["inspect", str(out / "store.npz")]) == 0
+    printed = capsys.readouterr().out
+    assert f"| this store: one nested copy | {metrics['bytes']['nested']:,} | 1.00x |" in printed
+    assert "levels [1.0, 0.3]" in printed
 
 
 @pytest.mark.parametrize("argv,message", [

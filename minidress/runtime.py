@@ -1,0 +1,278 @@
+"""A deployed DRESS model: one store, every density, switched in constant time.
+
+``DeployedModel.from_store(store)`` turns a ``minidress.store.Store`` into an inference-only
+network. Its sparsified layers read the store's ``values``/``cols`` arrays themselves (no copy),
+through the Numba row-sparse kernels; everything else is dense NumPy. ``set_density(d)``
+changes one integer per sparsified layer (the prefix length ``n_kept(d, row_len)``) and one
+batch-norm slot index: nothing is copied, sorted or re-laid, so a switch costs about a
+microsecond whatever the model's size.
+
+Activations stay **feature-major** from input to logits: ``[features, batch]`` for vectors and
+``[C, N, H, W]`` for images (see ``minidress.kernels``). ``predict`` transposes once on the way
+in and once on the way out.
+
+Batch norm runs in eval mode, folded into a per-level ``scale, shift`` pair. A density between
+trained levels uses the slot of the nearest level (ties: the denser), as ``Dress.use`` does.
+
+For comparison the same network runs on two other backends, which must rebuild every sparsified
+layer to switch: ``"dense"`` (a masked dense matrix, BLAS) and ``"csr"`` (scipy CSR).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .kernels import im2col_cnhw, rowsparse_matmul, rowsparse_matvec
+from .layers import (AvgPool2d, BatchNorm, Conv2d, Flatten, GlobalAvgPool, LevelBatchNorm, Linear,
+                     MaxPool2d, PreActBlock, ReLU, Sequential, avgpool_forward, maxpool_forward)
+from .masks import check_density, n_kept
+
+
+BACKENDS = ("rowsparse", "dense", "csr")
+
+
+class _Product:
+    """``W @ x`` for a Linear (``x [in, N]``) or the im2col matrix of a conv.
+
+    A layer the store keeps dense is a dense matrix. A sparsified layer, by ``backend``:
+
+    * ``"rowsparse"``: the store's ``values``/``cols`` at prefix ``k``, through the Numba kernels;
+      switching sets ``k``;
+    * ``"dense"``: a dense masked matrix ``W * M``, rebuilt from the store at every switch;
+    * ``"csr"``: a ``scipy.sparse`` CSR matrix of ``W * M``, rebuilt at every switch, as a user of
+      a general sparse library would do.
+    """
+
+    def __init__(self, store, name, backend="rowsparse"):
+        self.sparse, self.backend = store.sparse.get(name), backend
+        if self.sparse is not None:
+            self.rows, self.row_len = self.sparse.shape[0], self.sparse.row_len
+            self.set_prefix(self.sparse.values.shape[1])
+        else:
+            w = store.dense[f"{name}.weight"]
+            self.w = w.reshape(len(w), -1)
+            self.rows, self.row_len = self.w.shape
+            self.k = self.row_len
+        self.bias = store.dense.get(f"{name}.bias")
+        self.positions = 1      # output positions per sample (Ho*Wo for a conv), set by a dry run
+
+    def set_prefix(self, k):
+        self.k = k
+        if self.backend == "dense":
+            self.w = self.sparse.dense(k).reshape(self.rows, -1)
+        elif self.backend == "csr":
+            import scipy.sparse
+            self.w = scipy.sparse.csr_matrix(self.sparse.dense(k).reshape(self.rows, -1))
+
+    def __call__(self, x):
+        if self.sparse is None or self.backend != "rowsparse":
+            y = self.w @ x
+        elif x.shape[1] == 1:     # one sample: a gather per row
+            y = rowsparse_matvec(self.sparse.values, self.sparse.cols, self.k, x[:, 0], check=False)[:, None]
+        else:
+            y = rowsparse_matmul(self.sparse.values, self.sparse.cols, self.k, x, check=False)
+        if self.bias is not None:
+            y += self.bias[:, None]
+        return y
+
+    def macs(self):
+        return self.rows * self.k * self.positions
+
+
+class _ConvOp:
+    def __init__(self, product, layer):
+        self.product, self.kernel, self.stride, self.padding = product, layer.kernel_size, layer.stride, layer.padding
+
+    def __call__(self, x):                     # [C_in, N, H, W] -> [C_out, N, Ho, Wo]
+        cols, (ho, wo) = im2col_cnhw(x, self.kernel, self.kernel, self.stride, self.padding)
+        self.product.positions = ho * wo
+        return self.product(cols).reshape(self.product.rows, x.shape[1], ho, wo)
+
+
+class _BatchNormOp:
+    """Eval-mode batch norm folded into ``y = x * scale[slot] + shift[slot]`` over axis 0."""
+
+    def __init__(self, store, name, layer):
+        g, b = store.dense[f"{name}.weight"], store.dense[f"{name}.bias"]
+        m, v = store.dense[f"{name}.running_mean"], store.dense[f"{name}.running_var"]
+        if g.ndim == 1:                        # a plain BatchNorm: one slot
+            g, b, m, v = g[None], b[None], m[None], v[None]
+        slots = max(len(g), len(m))
+        pick = lambda a, s: a[s if len(a) > 1 else 0]
+        self.scale = np.stack([pick(g, s) / np.sqrt(pick(v, s) + layer.eps) for s in range(slots)])
+        self.shift = np.stack([pick(b, s) - pick(m, s) * self.scale[s] for s in range(slots)])
+        self.slot = 0
+
+    def __call__(self, x):
+        s = self.slot if len(self.scale) > 1 else 0
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        return x * self.scale[s].reshape(shape) + self.shift[s].reshape(shape)
+
+
+class _Chain:
+    def __init__(self, ops):
+        self.ops = ops
+
+    def __call__(self, x):
+        for op in self.ops:
+            x = op(x)
+        return x
+
+
+class _Fn:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, x):
+        return self.fn(x)
+
+
+def _flatten(x):
+    """``[C, N, H, W]`` -> ``[C*H*W, N]`` in NCHW feature order; ``[F, N]`` stays."""
+    return x if x.ndim == 2 else np.ascontiguousarray(x.transpose(0, 2, 3, 1)).reshape(-1, x.shape[1])
+
+
+class _PreActOp:
+    def __init__(self, bn1, conv1, bn2, conv2, proj):
+        self.bn1, self.conv1, self.bn2, self.conv2, self.proj = bn1, conv1, bn2, conv2, proj
+
+    def __call__(self, x):
+        a = np.maximum(self.bn1(x), 0)
+        out = self.conv2(np.maximum(self.bn2(self.conv1(a)), 0))
+        return out + (self.proj(a) if self.proj else x)
+
+
+class DeployedModel:
+    """An inference-only DRESS network over one store.
+
+    Attributes
+    ----------
+    store : minidress.store.Store
+    density : float, the density in use
+    input_shape : tuple, one sample's shape (``(C, H, W)``)
+    """
+
+    def __init__(self, store, net, products, batchnorms, input_shape, backend):
+        self.store, self.net, self.input_shape, self.backend = store, net, tuple(input_shape), backend
+        self._products, self._batchnorms = products, batchnorms
+        self._sparse = [p for p in products if p.sparse is not None]
+        self.dtype = store.dtype
+        self.profile = None
+        self.set_density(max(store.levels))
+        self.predict(np.zeros((1, *self.input_shape), self.dtype))     # learns conv output sizes
+
+    @classmethod
+    def from_store(cls, store, backend="rowsparse") -> "DeployedModel":
+        """Build the network the store's metadata describes, reading the store's arrays.
+
+        ``backend`` (see ``BACKENDS``): ``"rowsparse"`` is DRESS's deployment; ``"dense"`` and
+        ``"csr"`` rebuild each sparsified layer at every switch and serve as baselines.
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        from .experiment import build_dress
+        skeleton = build_dress(store.meta["model"], store.meta["config"], store.dtype).model
+        products, batchnorms = [], []
+
+        def compile_layer(layer, name):
+            if isinstance(layer, Sequential):
+                return _Chain([compile_layer(c, f"{name}{n}.") for n, c in layer.children()])
+            if isinstance(layer, (Linear, Conv2d)):
+                products.append(_Product(store, name.rstrip("."), backend))
+                return products[-1] if isinstance(layer, Linear) else _ConvOp(products[-1], layer)
+            if isinstance(layer, (LevelBatchNorm, BatchNorm)):
+                batchnorms.append(_BatchNormOp(store, name.rstrip("."), layer))
+                return batchnorms[-1]
+            if isinstance(layer, PreActBlock):
+                return _PreActOp(*(compile_layer(getattr(layer, n), f"{name}{n}.") if getattr(layer, n) else None
+                                   for n in ("bn1", "conv1", "bn2", "conv2", "proj")))
+            simple = {ReLU: lambda x: np.maximum(x, 0), Flatten: _flatten,
+                      GlobalAvgPool: lambda x: x.mean(axis=(2, 3)),
+                      MaxPool2d: lambda x: maxpool_forward(x, layer.k, layer.stride)[0],
+                      AvgPool2d: lambda x: avgpool_forward(x, layer.k, layer.stride)[0]}
+            if type(layer) not in simple:
+                raise ValueError(f"DeployedModel cannot run a {type(layer).__name__} layer")
+            return _Fn(simple[type(layer)])
+
+        return cls(store, compile_layer(skeleton, ""), products, batchnorms,
+                   store.meta["model"]["input_shape"], backend)
+
+    # -- switching -------------------------------------------------------------------------------
+    def set_density(self, density) -> "DeployedModel":
+        """Use the sub-network at ``density`` (any value in (0, 1]): one prefix length per
+        sparsified layer and a batch-norm slot. With the row-sparse backend no weight is copied
+        or moved; the others rebuild their matrices here."""
+        d = check_density(density)
+        levels = self.store.levels
+        slot = min(range(len(levels)), key=lambda i: (abs(levels[i] - d), -levels[i]))
+        if self.store.order == "level_major" and d not in levels:
+            raise ValueError(f"density {d} is not a trained level {list(levels)}; a level-major "
+                             f"store is exact only at its levels (use order='rank' for any density)")
+        for p in self._sparse:
+            p.set_prefix(n_kept(d, p.row_len))
+        for bn in self._batchnorms:
+            bn.slot = slot
+        self.density = d
+        return self
+
+    # -- inference ---------------------------------------------------------------------------------
+    def predict(self, x, batch_size=1024) -> np.ndarray:
+        """Logits ``[N, n_classes]`` of ``x [N, *input_shape]`` at the current density."""
+        x = np.asarray(x)
+        if x.shape[1:] != self.input_shape:
+            raise ValueError(f"x must have shape [N, {', '.join(map(str, self.input_shape))}], got {x.shape}")
+        if x.dtype != self.dtype:
+            raise TypeError(f"x has dtype {x.dtype}, the model {self.dtype}")
+        out = []
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size]
+            # feature-major: [C, N, H, W] for images, [F, N] for vectors
+            out.append(self.net(np.ascontiguousarray(np.moveaxis(xb, 0, 1))).T)
+        return np.ascontiguousarray(np.concatenate(out))
+
+    def macs(self) -> int:
+        """Multiply-accumulates of one sample at the current density (kept weights only)."""
+        return int(sum(p.macs() for p in self._products))
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights in memory: the store (all levels), plus any matrices the
+        ``dense``/``csr`` backends built for the current density."""
+        extra = 0
+        for p in self._sparse:
+            if self.backend == "dense":
+                extra += p.w.nbytes
+            elif self.backend == "csr":
+                extra += p.w.data.nbytes + p.w.indices.nbytes + p.w.indptr.nbytes
+        return self.store.nbytes() + extra
+
+    # -- latency ---------------------------------------------------------------------------------
+    def latency_profile(self, densities, batch=1, repeats=30, seed=0) -> dict:
+        """Median seconds of ``predict`` on a random batch, per density, measured here and now.
+
+        Each density is warmed up once (compilation, caches) before it is timed. The profile is
+        kept in ``self.profile`` for ``choose_density``. The current density is restored.
+        """
+        x = np.random.default_rng(seed).standard_normal((batch, *self.input_shape)).astype(self.dtype)
+        before, prof = self.density, {}
+        for d in sorted({check_density(d) for d in densities}):
+            self.set_density(d)
+            self.predict(x)
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                self.predict(x)
+                times.append(time.perf_counter() - t0)
+            prof[d] = float(np.median(times))
+        self.set_density(before)
+        self.profile = {"batch": batch, "seconds": prof}
+        return prof
+
+    def choose_density(self, budget_ms) -> float:
+        """The densest profiled density whose latency fits ``budget_ms``; the sparsest one if
+        none fits (the best the model can do). Needs ``latency_profile`` first."""
+        if self.profile is None:
+            raise ValueError("choose_density needs a latency profile: call latency_profile() first")
+        prof = self.profile["seconds"]
+        fits = [d for d, s in prof.items() if 1000 * s <= budget_ms]
+        return max(fits) if fits else min(prof)
