@@ -1,0 +1,149 @@
+"""Real-time switching: what a switch costs, what re-sampling masks costs, and a budget trace.
+
+1. **Switch cost**: ``DeployedModel.set_density`` on the row-sparse store (changes prefix
+   lengths) against the rebuilding backends: a dense masked matrix per layer, a scipy CSR matrix
+   built from ``W * M`` (what a general sparse library does), and, for reference, CSR built
+   directly from the store's prefix (the cheapest CSR can be).
+2. **Re-sampling on the device**: deriving the mask of a new density from dense weights, with a
+   per-row partial sort (``np.argpartition``), a full per-row sort (``row_ranks``) and one sort of
+   the whole layer (what a layer-wise top-k needs).
+3. **A budget trace** (``minidress.realtime``): requests with a changing time budget, served by
+   DRESS switching per request, by a fixed dense model and by a CSR model that must be rebuilt
+   to switch. Deadline misses, accuracy and switch cost per model.
+
+The model: a store from ``--store`` (e.g. ``runs/dress-.../store.npz``), or else a DRESS MLP
+trained here on ``--dataset`` (digits by default, ~20 s) with every layer sparsified.
+
+    python benchmarks/bench_switch.py
+    python benchmarks/bench_switch.py --dataset mnist --data-dir ../shared/data/mnist --batch 16
+    python benchmarks/bench_switch.py --store runs/dress-digits-cnn-seed0/store.npz
+
+Nothing is asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from common import DEFAULT_DATA_DIR, blas_threads_report, interleaved_medians, set_thread_env
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--store", default=None)
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--hidden", default="300,100")
+    p.add_argument("--epochs", type=int, default=5, help="pre-train and joint epochs of the quick model")
+    p.add_argument("--batch", type=int, default=1, help="samples per request")
+    p.add_argument("--requests", type=int, default=600)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    if args.dataset == "mnist" and args.data_dir is None and DEFAULT_DATA_DIR.is_dir():
+        args.data_dir = str(DEFAULT_DATA_DIR)
+    return args
+
+
+def quick_store(args):
+    """Train a small DRESS MLP with every layer sparsified; return its store."""
+    from minidress.experiment import RunConfig, run_experiment
+    from minidress.store import Store
+    cfg = RunConfig(dataset=args.dataset, data_dir=args.data_dir, model="mlp",
+                    hidden=tuple(int(h) for h in args.hidden.split(",")), dense_first_last=False,
+                    pretrain_epochs=args.epochs, epochs=args.epochs, baselines=False, grid=(1.0,),
+                    batch_size=128, quiet=True)
+    r = run_experiment(cfg)
+    return Store.from_dress(r["dress"], meta={"model": r["model"], "config": r["config"], "dataset": r["dataset"]})
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    applied = set_thread_env(args.threads)
+    import numba
+    import numpy as np
+    import scipy.sparse
+    numba.set_num_threads(args.threads)
+    from minidress.experiment import RunConfig, load_data
+    from minidress.masks import n_kept, row_ranks
+    from minidress.realtime import budget_trace, serve
+    from minidress.runtime import DeployedModel
+    from minidress.store import Store
+    print(blas_threads_report(args.threads, applied))
+
+    store = Store.load(args.store) if args.store else quick_store(args)
+    spec = store.meta["model"]
+    print(f"model: {spec['name']} on {store.meta.get('dataset')}, levels {list(store.levels)}, "
+          f"sparsified layers {', '.join(f'{n} {rs.shape}' for n, rs in store.sparse.items())}")
+    models = {b: DeployedModel.from_store(store, b) for b in ("rowsparse", "dense", "csr")}
+
+    # 1. Switch cost --------------------------------------------------------------------------
+    lo, hi = min(store.levels), sorted(store.levels)[-2] if len(store.levels) > 1 else max(store.levels)
+
+    def flip(model):
+        state = {"d": lo}
+
+        def run():
+            state["d"] = hi if state["d"] == lo else lo
+            model.set_density(state["d"])
+        return run
+
+    def csr_from_prefix():
+        for rs in store.sparse.values():
+            k = n_kept(lo, rs.row_len)
+            rows = rs.shape[0]
+            scipy.sparse.csr_matrix((rs.values[:, :k].ravel(), rs.cols[:, :k].ravel(),
+                                     np.arange(0, rows * k + 1, k)), shape=(rows, rs.row_len))
+
+    t = interleaved_medians({"DRESS (prefix lengths)": flip(models["rowsparse"]),
+                             "dense masked (rebuild)": flip(models["dense"]),
+                             "scipy CSR from W*M (rebuild)": flip(models["csr"]),
+                             "scipy CSR from the prefix": csr_from_prefix}, rounds=11)
+    print(f"\n## 1. Switch cost (densities {lo} <-> {hi}, whole model, median)\n")
+    print("| switch by | time (us) | vs DRESS |\n|---|---|---|")
+    for name, s in t.items():
+        print(f"| {name} | {1e6 * s:,.2f} | {s / t['DRESS (prefix lengths)']:,.0f}x |")
+
+    # 2. Re-sampling masks on the device ------------------------------------------------------
+    print("\n## 2. Deriving a new density's mask from dense weights (median)\n")
+    print("| weight | density | per-row partial sort (us) | per-row full sort (us) | layer-wide sort (us) |")
+    print("|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for rows, row_len in ((300, 784), (512, 512), (1024, 1024)):
+        w = rng.standard_normal((rows, row_len)).astype(np.float32)
+        for d in (0.5, 0.1):
+            k = n_kept(d, row_len)
+            m = interleaved_medians({
+                "partial": lambda: np.argpartition(-np.abs(w), k - 1, axis=1)[:, :k],
+                "full": lambda: row_ranks(w) < k,
+                "layer": lambda: np.argsort(-np.abs(w).ravel(), kind="stable")[:k * rows]}, rounds=5)
+            print(f"| {rows}x{row_len} | {d} | {1e6 * m['partial']:,.0f} | {1e6 * m['full']:,.0f} | "
+                  f"{1e6 * m['layer']:,.0f} |")
+    print("(The partial sort keeps the top k of a row but not their order, and breaks ties "
+          "arbitrarily; the full sort gives the ranks that serve every density.)")
+
+    # 3. A budget trace -------------------------------------------------------------------------
+    ds, _, x_test = load_data(RunConfig(dataset=store.meta.get("dataset", args.dataset), data_dir=args.data_dir))
+    x_test, y_test = x_test.astype(store.dtype), ds.y_test
+    densities = sorted({*store.levels, 0.05, 0.2, 0.35, 0.75} if store.order == "rank" else store.levels)
+    for name in ("rowsparse", "csr"):
+        models[name].latency_profile(densities, batch=args.batch)
+    dense_ms = 1000 * models["dense"].latency_profile([1.0], batch=args.batch)[1.0]
+    budgets = budget_trace(args.requests, reference_ms=dense_ms, seed=0)
+    print(f"\n## 3. Budget trace: {args.requests} requests of {args.batch} sample(s), budgets "
+          f"{budgets.min():.3f}-{budgets.max():.3f} ms (dense model: {dense_ms:.3f} ms)\n")
+    print("latency profile (ms): " + ", ".join(
+        f"{d:g}: {1000 * s:.3f}" for d, s in models["rowsparse"].profile["seconds"].items()))
+    runs = {"DRESS, switching per request": serve(models["rowsparse"], budgets, x_test, y_test, batch=args.batch),
+            "dense model, fixed": serve(models["dense"], budgets, x_test, y_test, "fixed", 1.0, args.batch),
+            "CSR, rebuilt to switch": serve(models["csr"], budgets, x_test, y_test, batch=args.batch)}
+    print("\n| model | deadline misses | accuracy | mean density | switches | switch time total (ms) "
+          "| largest switch (ms) | median latency (ms) |\n|---|---|---|---|---|---|---|---|")
+    for name, r in runs.items():
+        s = r["summary"]
+        print(f"| {name} | {s['missed']} ({100 * s['miss_rate']:.1f}%) | {100 * s['accuracy']:.2f}% | "
+              f"{s['mean_density']:.3f} | {s['switches']} | {1000 * s['switch_s_total']:.3f} | "
+              f"{1000 * s['switch_s_max']:.3f} | {s['median_latency_ms']:.3f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
