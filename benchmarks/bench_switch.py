@@ -33,7 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--store", default=None)
     p.add_argument("--dataset", default="digits")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--hidden", default="300,100")
+    p.add_argument("--hidden", default="512,512")
     p.add_argument("--epochs", type=int, default=5, help="pre-train and joint epochs of the quick model")
     p.add_argument("--batch", type=int, default=1, help="samples per request")
     p.add_argument("--requests", type=int, default=600)

@@ -42,9 +42,9 @@ import os
 import sys
 from pathlib import Path
 
+from common import DEFAULT_DATA_DIR, blas_threads_report, set_thread_env
+
 MODELS = ("mlp", "lenet5")
-THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared/data/mnist"
 QUICK_STEPS, QUICK_REPEATS, QUICK_WARMUP = 10, 1, 2
 
 
@@ -87,31 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def set_thread_env(n: int) -> bool:
-    """Set the BLAS/OpenMP thread variables; True if NumPy is not loaded yet (so they apply)."""
-    for var in THREAD_VARS:
-        os.environ[var] = str(n)
-    return "numpy" not in sys.modules
-
-
 # ---------------------------------------------------------------------------------------------
 # Everything below runs after the thread variables are set (NumPy is imported inside functions).
 # ---------------------------------------------------------------------------------------------
-
-def blas_threads_report(n: int, env_applied: bool) -> str:
-    try:
-        import threadpoolctl
-    except ImportError:
-        return ("NumPy BLAS threads: set through the environment" if env_applied else
-                "WARNING: NumPy was imported before the thread variables were set and "
-                "threadpoolctl is missing: the BLAS thread count is NOT controlled")
-    if not env_applied:
-        threadpoolctl.threadpool_limits(n)   # kept for the life of the process
-    info = threadpoolctl.threadpool_info()
-    parts = [f"{i['internal_api']} {Path(i['filepath']).name}: {i['num_threads']}" for i in info]
-    how = "environment" if env_applied else "threadpoolctl (NumPy was already imported)"
-    return f"native thread pools (via {how}): " + ("; ".join(parts) or "none found")
-
 
 def load_data(data_dir: Path, seed: int):
     """Standardised MNIST train images ``float32 [60000, 1, 28, 28]`` and labels, or random data

@@ -14,9 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint
 from .dress import LAMBDAS, NORMS, RAMPS, recalibrate_batchnorm
 from .experiment import RunConfig, build_dress, format_table, load_data, plot_curve, run_experiment
 from .golden import GOLDEN_VERSION, check_golden, write_golden

@@ -203,6 +203,18 @@ def conv_output_size(size: int, k: int, stride: int, padding: int) -> int:
     return out
 
 
+def receptive_fields(x, kh, kw, stride=1, padding=0):
+    """Every ``kh x kw`` window of the last two axes of ``x [A, B, H, W]`` after zero padding,
+    as a view ``[A, B, Ho, Wo, kh, kw]``; also returns ``(Ho, Wo)``. The layout of the first two
+    axes is the caller's: ``[N, C]`` for ``im2col``, ``[C, N]`` for the feature-major kernels."""
+    h, w = x.shape[2:]
+    ho, wo = conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)
+    if padding:
+        x = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    win = sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::stride, ::stride][:, :, :ho, :wo]
+    return win, (ho, wo)
+
+
 def im2col(x, kh, kw, stride=1, padding=0):
     """Unfold every receptive field of ``x`` into one row.
 
@@ -217,11 +229,8 @@ def im2col(x, kh, kw, stride=1, padding=0):
         weight row meets one receptive field.
     (Ho, Wo) : output height and width
     """
-    n, c, h, w = x.shape
-    ho, wo = conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)
-    if padding:
-        x = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    win = sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::stride, ::stride][:, :, :ho, :wo]
+    n, c = x.shape[:2]
+    win, (ho, wo) = receptive_fields(x, kh, kw, stride, padding)
     cols = win.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
     return cols, (ho, wo)
 

@@ -1,5 +1,4 @@
 """DRESS: the joint weighted step against central differences and PyTorch, nesting, options."""
-import copy
 
 import numpy as np
 import pytest

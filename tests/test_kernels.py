@@ -40,14 +40,20 @@ def k_choice(kind, kmax, rng):
     return {0: 0, 1: min(1, kmax), 2: kmax}.get(kind, int(rng.integers(0, kmax + 1)))
 
 
-@settings(max_examples=80, deadline=None)
-@given(problems)
-def test_matmul_kernel_equals_reference_equals_dense(p):
-    rows, row_len, kind, batch, dtype, seed = p
+def make_problem(p):
+    """values, cols, k and a random generator from a hypothesis-drawn problem tuple."""
+    rows, row_len, kind, _, dtype, seed = p
     rng = np.random.default_rng(seed)
     kmax = int(rng.integers(1, row_len + 1))
     values, cols = random_rowsparse(rng, rows, row_len, kmax, dtype)
-    k = k_choice(kind, kmax, rng)
+    return values, cols, k_choice(kind, kmax, rng), rng
+
+
+@settings(max_examples=80, deadline=None)
+@given(problems)
+def test_matmul_kernel_equals_reference_equals_dense(p):
+    rows, row_len, _, batch, dtype, _ = p
+    values, cols, k, rng = make_problem(p)
     xt = rng.standard_normal((row_len, batch)).astype(dtype)
     ours = rowsparse_matmul(values, cols, k, xt)
     ref = rowsparse_matmul_reference(values, cols, k, xt)
@@ -60,13 +66,11 @@ def test_matmul_kernel_equals_reference_equals_dense(p):
 @settings(max_examples=80, deadline=None)
 @given(problems)
 def test_matvec_kernel_equals_reference_equals_dense(p):
-    rows, row_len, kind, _, dtype, seed = p
-    rng = np.random.default_rng(seed)
-    kmax = int(rng.integers(1, row_len + 1))
-    values, cols = random_rowsparse(rng, rows, row_len, kmax, dtype)
-    k = k_choice(kind, kmax, rng)
+    rows, row_len, _, _, dtype, _ = p
+    values, cols, k, rng = make_problem(p)
     x = rng.standard_normal(row_len).astype(dtype)
     ours = rowsparse_matvec(values, cols, k, x)
+    assert ours.dtype == dtype and ours.shape == (rows,)
     assert np.array_equal(ours, rowsparse_matvec_reference(values, cols, k, x))
     np.testing.assert_allclose(ours, dense_masked(values, cols, k, row_len) @ x,
                                rtol=TOL[dtype], atol=TOL[dtype] * max(1, k))

@@ -5,7 +5,7 @@ import pytest
 
 from minidress.checkpoint import ArchiveError, read_archive, write_archive
 from minidress.experiment import build_dress
-from minidress.masks import n_kept, row_topk_mask
+from minidress.masks import n_kept
 from minidress.store import Store, pack_rows
 from minidress.train import predict_logits
 

@@ -9,9 +9,8 @@ transpose anywhere between layers.
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
-from ..layers import conv_output_size
+from ..layers import receptive_fields
 from .rowsparse import rowsparse_matmul, rowsparse_matmul_reference
 
 
@@ -23,11 +22,8 @@ def im2col_cnhw(x, kh, kw, stride=1, padding=0):
     cols : ndarray [C*kh*kw, N*Ho*Wo], C-contiguous
     (Ho, Wo) : output height and width
     """
-    c, n, h, w = x.shape
-    ho, wo = conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)
-    if padding:
-        x = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    win = sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::stride, ::stride][:, :, :ho, :wo]
+    c, n = x.shape[:2]
+    win, (ho, wo) = receptive_fields(x, kh, kw, stride, padding)
     cols = np.ascontiguousarray(win.transpose(0, 4, 5, 1, 2, 3)).reshape(c * kh * kw, n * ho * wo)
     return cols, (ho, wo)
 
