@@ -247,12 +247,16 @@ class DeployedModel:
         return self.store.nbytes() + extra
 
     # -- latency ---------------------------------------------------------------------------------
-    def latency_profile(self, densities, batch=1, repeats=30, seed=0) -> dict:
-        """Median seconds of ``predict`` on a random batch, per density, measured here and now.
+    def latency_profile(self, densities, batch=1, repeats=30, seed=0, quantile=0.9) -> dict:
+        """Seconds per ``predict`` of a random batch, per density, measured here and now.
 
-        Each density is warmed up once (compilation, caches) before it is timed. The profile is
-        kept in ``self.profile`` for ``choose_density``. The current density is restored.
+        Each density is warmed up once (compilation, caches), then timed ``repeats`` times; the
+        profile keeps the ``quantile`` of those times (default the 90th percentile: a deadline
+        is missed by the slow calls, so a controller must plan for them, not for the median).
+        It is kept in ``self.profile`` for ``choose_density``; the current density is restored.
         """
+        if not 0 < quantile <= 1:
+            raise ValueError(f"quantile must be in (0, 1], got {quantile}")
         x = np.random.default_rng(seed).standard_normal((batch, *self.input_shape)).astype(self.dtype)
         before, prof = self.density, {}
         for d in sorted({check_density(d) for d in densities}):
@@ -263,9 +267,9 @@ class DeployedModel:
                 t0 = time.perf_counter()
                 self.predict(x)
                 times.append(time.perf_counter() - t0)
-            prof[d] = float(np.median(times))
+            prof[d] = float(np.quantile(times, quantile))
         self.set_density(before)
-        self.profile = {"batch": batch, "seconds": prof}
+        self.profile = {"batch": batch, "quantile": quantile, "seconds": prof}
         return prof
 
     def choose_density(self, budget_ms) -> float:

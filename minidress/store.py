@@ -186,6 +186,10 @@ class Store:
 
     def save(self, path):
         """Write the store atomically; returns the path."""
+        missing = [k for k in ("model", "config") if k not in self.meta]
+        if missing:
+            raise ValueError(f"the store's meta lacks {missing}: pass meta={{'model': spec, 'config': "
+                             f"config}} to Store.from_dress so that a reader can rebuild the model")
         meta = {**self.meta, "levels": list(self.levels), "order": self.order,
                 "sparse_layers": {n: list(rs.shape) for n, rs in self.sparse.items()},
                 "per_level": list(self.per_level)}

@@ -163,6 +163,12 @@ def test_tampered_but_checksummed_files_are_rejected(saved, tmp_path, case):
     assert "bad.npz" in str(err.value)
 
 
+def test_a_store_without_model_metadata_is_not_saved(cnn, tmp_path):
+    with pytest.raises(ValueError, match="lacks \\['model', 'config'\\]"):
+        Store.from_dress(cnn[0]).save(tmp_path / "s.npz")
+    assert not (tmp_path / "s.npz").exists()
+
+
 def test_wrong_version_and_kind_are_rejected(saved, tmp_path):
     arrays, meta = read_archive(saved, "minidress.store", {1})
     write_archive(tmp_path / "v2.npz", arrays, meta, "minidress.store", 2)
