@@ -16,6 +16,11 @@ trained levels uses the slot of the nearest level (ties: the denser), as ``Dress
 
 For comparison the same network runs on two other backends, which must rebuild every sparsified
 layer to switch: ``"dense"`` (a masked dense matrix, BLAS) and ``"csr"`` (scipy CSR).
+
+Threads: the kernels use Numba's thread pool when a product is large enough to pay for it. On a
+machine whose cores are busy with other processes, a multi-threaded call can wait a whole
+scheduler quantum (milliseconds) for its second thread; for steady latency there, call
+``numba.set_num_threads(1)`` before serving (it applies to the calling thread).
 """
 from __future__ import annotations
 
@@ -45,7 +50,7 @@ class _Product:
     """
 
     def __init__(self, store, name, backend="rowsparse"):
-        self.sparse, self.backend = store.sparse.get(name), backend
+        self.sparse, self.backend, self.k = store.sparse.get(name), backend, None
         if self.sparse is not None:
             self.rows, self.row_len = self.sparse.shape[0], self.sparse.row_len
             self.set_prefix(self.sparse.values.shape[1])
@@ -58,6 +63,8 @@ class _Product:
         self.positions = 1      # output positions per sample (Ho*Wo for a conv), set by a dry run
 
     def set_prefix(self, k):
+        if k == self.k and self.backend != "rowsparse":
+            return                  # the matrices of this prefix are already built
         self.k = k
         if self.backend == "dense":
             self.w = self.sparse.dense(k).reshape(self.rows, -1)
@@ -159,6 +166,7 @@ class DeployedModel:
         self._sparse = [p for p in products if p.sparse is not None]
         self.dtype = store.dtype
         self.profile = None
+        self._plans = {}
         self.set_density(max(store.levels))
         self.predict(np.zeros((1, *self.input_shape), self.dtype))     # learns conv output sizes
 
@@ -202,19 +210,32 @@ class DeployedModel:
     def set_density(self, density) -> "DeployedModel":
         """Use the sub-network at ``density`` (any value in (0, 1]): one prefix length per
         sparsified layer and a batch-norm slot. With the row-sparse backend no weight is copied
-        or moved; the others rebuild their matrices here."""
-        d = check_density(density)
-        levels = self.store.levels
-        slot = min(range(len(levels)), key=lambda i: (abs(levels[i] - d), -levels[i]))
-        if self.store.order == "level_major" and d not in levels:
-            raise ValueError(f"density {d} is not a trained level {list(levels)}; a level-major "
-                             f"store is exact only at its levels (use order='rank' for any density)")
-        for p in self._sparse:
-            p.set_prefix(n_kept(d, p.row_len))
+        or moved; the others rebuild their matrices here.
+
+        The prefix lengths and slot of a density are worked out (and checked) the first time it
+        is used and remembered, so switching among a few densities is a dictionary lookup and a
+        handful of integer assignments.
+        """
+        plan = self._plans.get(density)
+        if plan is None:
+            plan = self._plans[density] = self._plan(density)
+        d, slot, ks = plan
+        for p, k in zip(self._sparse, ks):
+            p.set_prefix(k)
         for bn in self._batchnorms:
             bn.slot = slot
         self.density = d
         return self
+
+    def _plan(self, density):
+        """``(density, batch-norm slot, prefix length per sparsified layer)`` for ``density``."""
+        d = check_density(density)
+        levels = self.store.levels
+        if self.store.order == "level_major" and d not in levels:
+            raise ValueError(f"density {d} is not a trained level {list(levels)}; a level-major "
+                             f"store is exact only at its levels (use order='rank' for any density)")
+        slot = min(range(len(levels)), key=lambda i: (abs(levels[i] - d), -levels[i]))
+        return d, slot, tuple(n_kept(d, p.row_len) for p in self._sparse)
 
     # -- inference ---------------------------------------------------------------------------------
     def predict(self, x, batch_size=1024) -> np.ndarray:
