@@ -127,14 +127,6 @@ class _Chain:
         return x
 
 
-class _Fn:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, x):
-        return self.fn(x)
-
-
 def _flatten(x):
     """``[C, N, H, W]`` -> ``[C*H*W, N]`` in NCHW feature order; ``[F, N]`` stays."""
     return x if x.ndim == 2 else np.ascontiguousarray(x.transpose(0, 2, 3, 1)).reshape(-1, x.shape[1])
@@ -201,7 +193,7 @@ class DeployedModel:
                       AvgPool2d: lambda x: avgpool_forward(x, layer.k, layer.stride)[0]}
             if type(layer) not in simple:
                 raise ValueError(f"DeployedModel cannot run a {type(layer).__name__} layer")
-            return _Fn(simple[type(layer)])
+            return simple[type(layer)]
 
         return cls(store, compile_layer(skeleton, ""), products, batchnorms,
                    store.meta["model"]["input_shape"], backend)
