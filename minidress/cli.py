@@ -126,12 +126,23 @@ def cmd_train_dress(args):
     plot_curve(result, out / "accuracy_vs_density.png")
     print(f"\ndense pre-trained network: {100 * result['dense_acc']:.2f}% test accuracy\n")
     print(format_table(result))
-    worst = min(result["curve"], key=lambda p: p["recalibrated_acc"])
-    print(f"\nfine-grained curve ({len(result['curve'])} densities, recalibrated BN): lowest "
-          f"{100 * worst['recalibrated_acc']:.2f}% at density {worst['density']:g}")
+    print(f"\nfine-grained curve ({len(result['curve'])} densities, recalibrated BN): " + curve_summary(result))
     print(f"run folder: {out}/ (checkpoint.npz, store.npz, metrics.json, accuracy_vs_density.png); "
           f"{result['seconds']['total']:.0f} s")
     return 0
+
+
+def curve_summary(result) -> str:
+    """The lowest accuracy on the grid between the trained levels (where a collapse would be a
+    failure of DRESS), and below the sparsest level (never trained, so expected to fall)."""
+    lo, hi = min(result["config"]["levels"]), max(result["config"]["levels"])
+    parts = []
+    for label, pts in (("between the trained levels", [p for p in result["curve"] if lo <= p["density"] <= hi]),
+                       ("below the sparsest level", [p for p in result["curve"] if p["density"] < lo])):
+        if pts:
+            worst = min(pts, key=lambda p: p["recalibrated_acc"])
+            parts.append(f"lowest {label} {100 * worst['recalibrated_acc']:.2f}% (at {worst['density']:g})")
+    return "; ".join(parts)
 
 
 def cmd_train_dense(args):
