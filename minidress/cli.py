@@ -67,6 +67,9 @@ def add_train_args(p):
     g.add_argument("--norm", default="per_level", choices=NORMS)
     g.add_argument("--sparsify-all", action="store_true",
                    help="sparsify the first layer and the classifier too")
+    g.add_argument("--kernel-max-density", type=float, default=0.0,
+                   help="train the Linear layers of levels at or below this density through the "
+                        "row-sparse kernels (speed only; 0 = never)")
     g.add_argument("--pretrain-epochs", type=int, default=None, help="default: 10 (0 allowed)")
     g.add_argument("--finetune-lr", type=float, default=0.01, help="learning rate of the joint phase")
     g.add_argument("--no-baselines", action="store_true", help="skip single compressed and one-shot")
@@ -111,6 +114,7 @@ def cmd_train_dress(args):
                     levels=_levels(args.levels), lambdas=_lambdas(args.lambdas),
                     resample_every=args.resample_every, ramp=args.ramp, ramp_epochs=args.ramp_epochs,
                     norm=args.norm, dense_first_last=not args.sparsify_all,
+                    kernel_max_density=args.kernel_max_density,
                     pretrain_epochs=10 if args.pretrain_epochs is None else args.pretrain_epochs,
                     epochs=10 if args.epochs is None else args.epochs, batch_size=args.batch_size,
                     lr=args.lr or 0.05, finetune_lr=args.finetune_lr, momentum=args.momentum,

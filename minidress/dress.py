@@ -35,6 +35,11 @@ named option here, never a claim about the paper:
 * ``dense_first_last``: keep the first sparsifiable layer and the classifier dense (biases and
   norms are always dense).
 
+One option is about speed, not the method: ``kernel_max_density`` trains the sparsified Linear
+layers of every level at or below that density on their kept weights alone, through the
+row-sparse kernels (``Linear.kept``), instead of a dense product with the mask. The numbers are
+the same up to the order of additions; 0 (the default) never does.
+
 State that must survive a checkpoint lives in the model itself (as ``torch.nn.utils.prune``
 keeps ``weight_mask`` as a buffer): each sparsified layer's ``buffers["ranks"]`` and the model's
 ``buffers["dress_step"]``. Resuming a DRESS run is then as exact as resuming any other.
@@ -46,6 +51,7 @@ import numpy as np
 from .layers import BatchNorm, Conv2d, LevelBatchNorm, Linear, Sequential
 from .losses import softmax_cross_entropy
 from .masks import check_density, n_kept, row_ranks
+from .metrics import index_dtype
 from .train import evaluate
 
 LAMBDAS = ("uniform", "density", "inverse_density")
@@ -75,7 +81,8 @@ def cubic_density(target, step, ramp_steps) -> float:
     return target + (1.0 - target) * (1.0 - frac) ** 3
 
 
-def check_options(levels, lambdas="uniform", resample_every=0, ramp="none", norm="per_level"):
+def check_options(levels, lambdas="uniform", resample_every=0, ramp="none", norm="per_level",
+                  kernel_max_density=0.0):
     """Validate DRESS options (errors name the option); return ``(levels, lambdas [K])``."""
     levels = tuple(check_density(d, "levels") for d in levels)
     if not levels or len(set(levels)) != len(levels):
@@ -86,6 +93,9 @@ def check_options(levels, lambdas="uniform", resample_every=0, ramp="none", norm
         raise ValueError(f"ramp must be one of {RAMPS}, got {ramp!r}")
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if not 0.0 <= float(kernel_max_density) <= 1.0:
+        raise ValueError(f"kernel_max_density must be in [0, 1] (0 = never use the kernels), "
+                         f"got {kernel_max_density!r}")
     return levels, resolve_lambdas(lambdas, levels)
 
 
@@ -123,7 +133,7 @@ class Dress:
     model : minidress.layers.Sequential (modified in place: rank buffers, level batch norms)
     levels : sequence of float in (0, 1]
         Trained densities (kept fractions), distinct; default ``(1.0, 0.5, 0.25, 0.1)``.
-    lambdas, resample_every, ramp, ramp_steps, norm, dense_first_last
+    lambdas, resample_every, ramp, ramp_steps, norm, dense_first_last, kernel_max_density
         See the module docstring.
 
     Attributes
@@ -134,8 +144,11 @@ class Dress:
     """
 
     def __init__(self, model, levels=DEFAULT_LEVELS, lambdas="uniform", resample_every=0,
-                 ramp="none", ramp_steps=0, norm="per_level", dense_first_last=True):
-        self.levels, self.lambdas = check_options(levels, lambdas, resample_every, ramp, norm)
+                 ramp="none", ramp_steps=0, norm="per_level", dense_first_last=True,
+                 kernel_max_density=0.0):
+        self.levels, self.lambdas = check_options(levels, lambdas, resample_every, ramp, norm,
+                                                  kernel_max_density)
+        self.kernel_max_density = float(kernel_max_density)
         self.model, self.resample_every, self.ramp, self.ramp_steps = model, int(resample_every), ramp, ramp_steps
         self.norm = norm
         k = len(self.levels)
@@ -182,15 +195,26 @@ class Dress:
         if d not in self._masks:
             if len(self._masks) > 4 * len(self.levels):   # a ramp visits a new density every step
                 self._masks.clear()
-            self._masks[d] = {name: (layer.buffers["ranks"] < n_kept(d, layer.buffers["ranks"].shape[1]))
-                              .reshape(layer.params["weight"].shape).astype(layer.params["weight"].dtype)
-                              for name, layer in self.layers.items()}
+            self._masks[d] = {name: self._mask_and_kept(layer, d) for name, layer in self.layers.items()}
         for name, layer in self.layers.items():
-            layer.mask = self._masks[d][name]
+            layer.mask, kept = self._masks[d][name]
+            if isinstance(layer, Linear):
+                layer.kept = kept
         for bn in self.batchnorms:
             bn.level, bn.stats_override = level, None
         self.density = d
         return self
+
+    def _mask_and_kept(self, layer, d):
+        """The layer's mask at density ``d`` and, where the kernels are used, its kept columns
+        in rank order (``[rows, n_kept]``, the layout the kernels read)."""
+        ranks, w = layer.buffers["ranks"], layer.params["weight"]
+        k = n_kept(d, ranks.shape[1])
+        mask = (ranks < k).reshape(w.shape).astype(w.dtype)
+        kept = None
+        if isinstance(layer, Linear) and d <= self.kernel_max_density:
+            kept = np.argsort(ranks, axis=1, kind="stable")[:, :k].astype(index_dtype(ranks.shape[1]))
+        return mask, kept
 
     # 3. Train jointly: all levels on the same batch, one weighted loss ------------------------
     def joint_step(self, model, xb, yb):

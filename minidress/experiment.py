@@ -42,6 +42,7 @@ class RunConfig:
     ramp_epochs: float = 0.0
     norm: str = "per_level"
     dense_first_last: bool = True
+    kernel_max_density: float = 0.0
     pretrain_epochs: int = 10
     epochs: int = 10
     batch_size: int = 64
@@ -58,12 +59,13 @@ class RunConfig:
 
     def __post_init__(self):
         # Fail before minutes of pre-training, not after.
-        check_options(self.levels, self.lambdas, self.resample_every, self.ramp, self.norm)
+        check_options(self.levels, self.lambdas, self.resample_every, self.ramp, self.norm,
+                      self.kernel_max_density)
 
     def dress_options(self, steps_per_epoch):
         return dict(lambdas=self.lambdas, resample_every=self.resample_every, ramp=self.ramp,
                     ramp_steps=int(self.ramp_epochs * steps_per_epoch), norm=self.norm,
-                    dense_first_last=self.dense_first_last)
+                    dense_first_last=self.dense_first_last, kernel_max_density=self.kernel_max_density)
 
 
 def load_data(cfg: RunConfig):
@@ -96,7 +98,8 @@ def build_dress(spec, cfg_dict, dtype=np.float32):
     return Dress(model, levels=cfg_dict["levels"], lambdas=cfg_dict["lambdas"],
                  resample_every=cfg_dict["resample_every"], ramp=cfg_dict["ramp"],
                  ramp_steps=cfg_dict.get("ramp_steps", 0), norm=cfg_dict["norm"],
-                 dense_first_last=cfg_dict["dense_first_last"])
+                 dense_first_last=cfg_dict["dense_first_last"],
+                 kernel_max_density=cfg_dict.get("kernel_max_density", 0.0))
 
 
 def _log(cfg, msg):

@@ -153,6 +153,40 @@ def linear_backward(dout, cache):
     return dout @ w, dout.T @ x, dout.sum(axis=0)
 
 
+def rowsparse_linear_forward(x, w, kept, b):
+    """``out = x @ (w * M).T + b`` for the mask ``M`` that keeps, in row ``r``, the columns
+    ``kept[r]``, computed by the row-sparse kernel (``minidress.kernels``) on the kept weights
+    only. Same result as ``linear_forward(x, w * M, b)`` up to the order of the additions.
+
+    Parameters
+    ----------
+    x : ndarray [N, in];  w : ndarray [out, in];  b : ndarray [out]
+    kept : unsigned int ndarray [out, k], distinct columns per row
+
+    Returns
+    -------
+    out : ndarray [N, out] (column-major: ``out.T`` is the kernel's contiguous output)
+    cache : for ``rowsparse_linear_backward``
+    """
+    from .kernels import rowsparse_matmul
+    values = np.take_along_axis(w, kept.astype(np.intp), axis=1)
+    xt = np.ascontiguousarray(x.T)           # free when x came from a layer like this one
+    yt = rowsparse_matmul(values, kept, kept.shape[1], xt, check=False)
+    return yt.T + b, (xt, values, kept, w.shape)
+
+
+def rowsparse_linear_backward(dout, cache):
+    """Gradients of ``rowsparse_linear_forward``: ``dx [N, in], dw [out, in]`` (zero outside the
+    kept entries, whose gradients alone are computed), ``db [out]``."""
+    from .kernels import rowsparse_matmul_grads
+    xt, values, kept, shape = cache
+    dxt, dvalues = rowsparse_matmul_grads(values, kept, kept.shape[1], xt,
+                                          np.ascontiguousarray(dout.T), check=False)
+    dw = np.zeros(shape, values.dtype)
+    np.put_along_axis(dw, kept.astype(np.intp), dvalues, axis=1)
+    return dxt.T, dw, dout.sum(axis=0)
+
+
 class Linear(Layer):
     """Fully connected layer, ``y = x @ (weight * mask).T + bias``.
 
@@ -162,6 +196,10 @@ class Linear(Layer):
     rng : numpy.random.Generator
         Source of the He-normal initial weights (biases start at zero).
     dtype : float32 (default) or float64
+
+    ``kept``: optional ``[out, k]`` unsigned column indices, the same entries as ``mask``. When
+    set, forward and backward run on the kept weights alone through the row-sparse kernels
+    (``rowsparse_linear_forward``) instead of a dense product with the mask.
     """
 
     def __init__(self, in_features: int, out_features: int, rng=None, dtype=np.float32, bias=True):
@@ -172,17 +210,26 @@ class Linear(Layer):
         if bias:
             self.params["bias"] = np.zeros(out_features, dtype)
         self.mask = None
+        self.kept = None
 
     def forward(self, x):
         w = self.params["weight"]
         _check_input(x, "Linear", 2, self.in_features, w.dtype)
         b = self.params.get("bias", np.zeros((), w.dtype))
-        out, self.cache = linear_forward(x, _masked(w, self.mask), b)
+        self.rowsparse = self.kept is not None
+        if self.rowsparse:
+            out, self.cache = rowsparse_linear_forward(x, w, self.kept, b)
+        else:
+            out, self.cache = linear_forward(x, _masked(w, self.mask), b)
         return out
 
     def backward(self, dout):
-        dx, dw, db = linear_backward(dout, self.cache)
-        self.grads["weight"] = _masked(dw, self.mask)
+        if self.rowsparse:
+            dx, dw, db = rowsparse_linear_backward(dout, self.cache)
+            self.grads["weight"] = dw
+        else:
+            dx, dw, db = linear_backward(dout, self.cache)
+            self.grads["weight"] = _masked(dw, self.mask)
         if "bias" in self.params:
             self.grads["bias"] = db
         return dx

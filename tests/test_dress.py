@@ -130,6 +130,24 @@ def test_weights_are_never_edited_by_masks(rng):
         assert np.array_equal(before[f"{name}.weight"], model.parameters()[f"{name}.weight"])
 
 
+def test_kernels_train_the_same_network(rng):
+    """kernel_max_density=1: every level's sparsified Linear layers run on their kept weights
+    through the row-sparse kernels; the joint step must give the same losses and gradients."""
+    x, y = rng.standard_normal((16, 6)), rng.integers(0, 3, 16)
+    results = []
+    for kmd in (0.0, 1.0):
+        dress = Dress(tiny_mlp(), levels=(1.0, 0.5, 0.2), kernel_max_density=kmd, dense_first_last=False)
+        loss, _, grads = dress.joint_step(dress.model, x, y)
+        results.append((loss, dress.last_losses.copy(), grads))
+        assert all((layer.kept is not None) == (kmd > 0) for layer in dress.layers.values())
+    (l0, ls0, g0), (l1, ls1, g1) = results
+    assert l0 == pytest.approx(l1, rel=1e-12) and np.allclose(ls0, ls1, rtol=1e-12, atol=0)
+    for name in g0:
+        assert_close(g1[name], g0[name], name, atol=1e-12, label="dense masked")
+    with pytest.raises(ValueError, match="kernel_max_density must be in"):
+        Dress(tiny_mlp(), kernel_max_density=1.5)
+
+
 def test_lambdas_and_ramp():
     assert np.allclose(resolve_lambdas("uniform", (1, 0.5)), [1, 1])          # mean 1: sum_k loss_k
     assert np.allclose(resolve_lambdas("density", (1, 0.5, 0.5)), [1.5, 0.75, 0.75])

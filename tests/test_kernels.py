@@ -7,8 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minidress.kernels import (im2col_cnhw, rowsparse_conv2d, rowsparse_conv2d_reference,
-                               rowsparse_matmul, rowsparse_matmul_reference, rowsparse_matvec,
-                               rowsparse_matvec_reference)
+                               rowsparse_matmul, rowsparse_matmul_grads,
+                               rowsparse_matmul_grads_reference, rowsparse_matmul_reference,
+                               rowsparse_matvec, rowsparse_matvec_reference)
 from minidress.kernels import rowsparse as rs
 from minidress.layers import conv2d_forward, im2col
 from minidress.metrics import index_dtype
@@ -142,3 +143,33 @@ def test_bad_arguments_get_clear_errors(rng):
     with pytest.raises(ValueError, match="column index 9 >= in_features = 5"):
         cols[0, 0] = 9
         rowsparse_matvec(values, cols, 2, xt[:5, 0].copy())
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems)
+def test_gradient_kernels_equal_reference_equal_dense(p):
+    """dxt = (W*M).T @ dyt and dvalues = (dyt @ xt.T) at the kept entries."""
+    rows, row_len, _, batch, dtype, _ = p
+    values, cols, k, rng = make_problem(p)
+    xt = rng.standard_normal((row_len, batch)).astype(dtype)
+    dyt = rng.standard_normal((rows, batch)).astype(dtype)
+    dxt, dvalues = rowsparse_matmul_grads(values, cols, k, xt, dyt)
+    ref_dxt, ref_dvalues = rowsparse_matmul_grads_reference(values, cols, k, xt, dyt)
+    assert dxt.shape == (row_len, batch) and dvalues.shape == (rows, k) and dvalues.dtype == dtype
+    assert np.array_equal(dxt, ref_dxt) and np.array_equal(dvalues, ref_dvalues)
+    tol = TOL[dtype] * max(1, batch, rows)
+    np.testing.assert_allclose(dxt, dense_masked(values, cols, k, row_len).T @ dyt, rtol=TOL[dtype], atol=tol)
+    full = dyt @ xt.T                                      # gradient of every weight, kept or not
+    np.testing.assert_allclose(dvalues, np.take_along_axis(full, cols[:, :k].astype(int), axis=1),
+                               rtol=TOL[dtype], atol=tol)
+
+
+def test_gradient_kernels_parallel_path(rng, monkeypatch):
+    values, cols = random_rowsparse(rng, 40, 300, 64, np.float64)
+    xt, dyt = rng.standard_normal((300, 37)), rng.standard_normal((40, 37))
+    big = rowsparse_matmul_grads(values, cols, 50, xt, dyt)
+    monkeypatch.setattr(rs, "PARALLEL_MIN_WORK", 1 << 62)
+    small = rowsparse_matmul_grads(values, cols, 50, xt, dyt)
+    assert all(np.array_equal(a, b) for a, b in zip(big, small))
+    with pytest.raises(ValueError, match="dyt must be"):
+        rowsparse_matmul_grads(values, cols, 50, xt, dyt[:, :-1])

@@ -35,6 +35,28 @@ def test_linear_masked_gradients(rng):
     assert np.all(layer.grads["weight"][layer.mask == 0] == 0)
 
 
+@pytest.mark.parametrize("n,fin,fout,k", [(3, 6, 4, 3), (1, 9, 2, 1), (10, 5, 7, 5)])
+def test_linear_through_the_rowsparse_kernels(rng, n, fin, fout, k):
+    """``kept`` (row-sparse kernels on the kept weights) against central differences, and against
+    the dense product with the equivalent mask."""
+    layer = Linear(fin, fout, rng, F64)
+    layer.params["bias"] = rng.standard_normal(fout)
+    kept = np.stack([rng.permutation(fin)[:k] for _ in range(fout)]).astype(np.uint8)
+    mask = np.zeros((fout, fin))
+    np.put_along_axis(mask, kept.astype(int), 1.0, axis=1)
+    x, dout = rng.standard_normal((n, fin)), rng.standard_normal((n, fout))
+    layer.kept = kept
+    assert_gradients_ok(layer, x)
+    sparse = layer.forward(x), layer.backward(dout), dict(layer.grads)
+    layer.kept, layer.mask = None, mask
+    dense = layer.forward(x), layer.backward(dout), dict(layer.grads)
+    for a, b in zip(sparse[:2], dense[:2]):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    for name in ("weight", "bias"):
+        np.testing.assert_allclose(sparse[2][name], dense[2][name], rtol=1e-12, atol=1e-12)
+    assert np.all(sparse[2]["weight"][mask == 0] == 0)
+
+
 # (N, C_in, H, W, C_out, k, stride, padding): odd sizes, stride > 1 leaving a remainder,
 # padding larger than needed, 1x1 kernels, kernel as large as the padded input.
 CONV_CASES = [
