@@ -20,7 +20,7 @@ from .dress import LAMBDAS, NORMS, RAMPS, recalibrate_batchnorm
 from .experiment import RunConfig, build_dress, format_table, load_data, plot_curve, run_experiment
 from .golden import GOLDEN_VERSION, check_golden, write_golden
 from .metrics import macs
-from .fileio import atomic_open, atomic_write_bytes
+from .fileio import atomic_write_bytes, save_figure
 from .models import MODELS, build_model
 from .runtime import DeployedModel
 from .store import STORE_VERSION, Store
@@ -124,6 +124,7 @@ def cmd_train_dress(args):
     print(f"minidress train: DRESS on {cfg.dataset} with the {cfg.model} model, seed {cfg.seed}")
     result = run_experiment(cfg, checkpoint_path=out / "checkpoint.npz")
     dress = result.pop("dress")
+    del result["pretrained"]
     Store.from_dress(dress, meta={"model": result["model"], "config": result["config"],
                                   "dataset": result["dataset"]}).save(out / "store.npz")
     atomic_write_bytes(out / "metrics.json", json.dumps(result, indent=2).encode())
@@ -198,10 +199,7 @@ def plot_history(history, path, title):
         ax.legend()
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_open(path) as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def cmd_eval(args):

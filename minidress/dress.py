@@ -112,7 +112,7 @@ def sparsifiable_layers(model, dense_first_last=True) -> dict:
     return dict(found)
 
 
-def _replace_batchnorms(layer, make):
+def replace_batchnorms(layer, make):
     """Replace every ``BatchNorm`` below ``layer`` by ``make(bn)``, in place."""
     for name, child in layer.children():
         if isinstance(child, BatchNorm):
@@ -122,7 +122,7 @@ def _replace_batchnorms(layer, make):
             else:
                 setattr(layer, name, new)
         else:
-            _replace_batchnorms(child, make)
+            replace_batchnorms(child, make)
 
 
 class Dress:
@@ -152,7 +152,7 @@ class Dress:
         self.model, self.resample_every, self.ramp, self.ramp_steps = model, int(resample_every), ramp, ramp_steps
         self.norm = norm
         k = len(self.levels)
-        _replace_batchnorms(model, lambda bn: LevelBatchNorm.from_batchnorm(
+        replace_batchnorms(model, lambda bn: LevelBatchNorm.from_batchnorm(
             bn, k, per_level_stats=norm != "shared", per_level_affine=norm == "per_level"))
         self.batchnorms = [m for _, m in model.named_layers() if isinstance(m, LevelBatchNorm)]
         self.layers = sparsifiable_layers(model, dense_first_last)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -54,6 +54,8 @@ class RunConfig:
     baselines: bool = True
     grid: tuple = tuple(np.round(np.arange(0.05, 1.0001, 0.05), 2))
     recalibrate_batches: int = 10
+    train_subset: int | None = None
+    test_subset: int | None = None
     quiet: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -61,6 +63,10 @@ class RunConfig:
         # Fail before minutes of pre-training, not after.
         check_options(self.levels, self.lambdas, self.resample_every, self.ramp, self.norm,
                       self.kernel_max_density)
+        for name in ("train_subset", "test_subset"):
+            n = getattr(self, name)
+            if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
+                raise ValueError(f"{name} must be None (everything) or an integer >= 1, got {n!r}")
 
     def dress_options(self, steps_per_epoch):
         return dict(lambdas=self.lambdas, resample_every=self.resample_every, ramp=self.ramp,
@@ -68,11 +74,44 @@ class RunConfig:
                     dense_first_last=self.dense_first_last, kernel_max_density=self.kernel_max_density)
 
 
+SUBSET_SEED = 12345
+
+
+def subset_indices(n_total, n_keep, name):
+    """Sorted indices of a fixed random subset of ``n_keep`` of ``n_total`` examples (all if None).
+
+    The subset depends on ``SUBSET_SEED`` only, never on the run's seed, so every seed and every
+    method of a comparison sees the same examples.
+    """
+    if n_keep is None:
+        return np.arange(n_total)
+    if not 1 <= n_keep <= n_total:
+        raise ValueError(f"{name} must be an integer in [1, {n_total}], got {n_keep!r}")
+    return np.sort(np.random.default_rng(SUBSET_SEED).permutation(n_total)[:n_keep])
+
+
 def load_data(cfg: RunConfig):
-    """The data set, standardised by the training set's per-channel statistics."""
+    """The data set, standardised by the training set's per-channel statistics.
+
+    With ``cfg.train_subset`` / ``cfg.test_subset``, a fixed random subset of each split
+    (``subset_indices``), for backbones too slow to train on everything in NumPy. The statistics
+    are those of the whole training set, so a subset sees the same inputs a full run sees.
+
+    Returns
+    -------
+    ds : Dataset (its arrays subset, not standardised)
+    x_train : [N_train, ...] standardised training inputs
+    x_test : [N_test, ...] standardised test inputs
+    """
     ds = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed)
     (x_train, x_test), _ = standardize(ds.x_train, ds.x_test)
-    return ds, x_train, x_test
+    if cfg.train_subset is None and cfg.test_subset is None:
+        return ds, x_train, x_test
+    tr = subset_indices(len(x_train), cfg.train_subset, "train_subset")
+    te = subset_indices(len(x_test), cfg.test_subset, "test_subset")
+    ds = replace(ds, x_train=ds.x_train[tr], y_train=ds.y_train[tr], x_test=ds.x_test[te],
+                 y_test=ds.y_test[te])
+    return ds, x_train[tr], x_test[te]
 
 
 def train_phase(model, cfg, x, y, xv, yv, epochs, lr, step=None, checkpoint_path=None, meta=None):
@@ -108,7 +147,12 @@ def _log(cfg, msg):
 
 
 def run_experiment(cfg: RunConfig, checkpoint_path=None) -> dict:
-    """Run DRESS and (optionally) its baselines; return every number as a JSON-ready dict."""
+    """Run DRESS and (optionally) its baselines.
+
+    Returns a dict of JSON-ready numbers, plus two objects to pop before writing it as JSON:
+    ``dress`` (the trained ``Dress``) and ``pretrained`` (a copy of the pre-trained dense model,
+    the common start of DRESS and every baseline).
+    """
     t_start = time.perf_counter()
     ds, x_train, x_test = load_data(cfg)
     y_train, y_test = ds.y_train, ds.y_test
@@ -157,6 +201,7 @@ def run_experiment(cfg: RunConfig, checkpoint_path=None) -> dict:
                       "recalibrated_acc": evaluate(model, x_test, y_test)[1]})
     result["curve"] = curve
     result["dress"] = dress
+    result["pretrained"] = pretrained
 
     if cfg.baselines:
         _log(cfg, f"[4/4] baselines: {len(cfg.levels)} single compressed networks, one-shot pruning")
@@ -207,7 +252,7 @@ def plot_curve(result, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .fileio import atomic_open
+    from .fileio import save_figure
     c = result["curve"]
     d = [p["density"] for p in c]
     fig, ax = plt.subplots(figsize=(6.4, 4))
@@ -227,7 +272,4 @@ def plot_curve(result, path):
     ax.set_ylim(max(0, min(100 * p["nearest_norm_acc"] for p in c) - 5), 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    with atomic_open(path) as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -110,3 +110,12 @@ def file_digest(path: PathLike, algorithm: str = "sha256") -> str:
         for chunk in iter(lambda: f.read(_CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def save_figure(fig, path: PathLike, dpi: int = 110) -> None:
+    """Lay out a matplotlib figure, write it to ``path`` as PNG atomically, and close it."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png", dpi=dpi)
+    plt.close(fig)

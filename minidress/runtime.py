@@ -237,12 +237,11 @@ class DeployedModel:
             raise ValueError(f"x must have shape [N, {', '.join(map(str, self.input_shape))}], got {x.shape}")
         if x.dtype != self.dtype:
             raise TypeError(f"x has dtype {x.dtype}, the model {self.dtype}")
-        out = []
-        for i in range(0, len(x), batch_size):
-            xb = x[i:i + batch_size]
-            # feature-major: [C, N, H, W] for images, [F, N] for vectors
-            out.append(self.net(np.ascontiguousarray(np.moveaxis(xb, 0, 1))).T)
-        return np.ascontiguousarray(np.concatenate(out))
+        # feature-major: [C, N, H, W] for images, [F, N] for vectors
+        axes = (1, 0, *range(2, x.ndim))
+        out = [self.net(np.ascontiguousarray(x[i:i + batch_size].transpose(axes))).T
+               for i in range(0, len(x), batch_size)]
+        return np.ascontiguousarray(out[0] if len(out) == 1 else np.concatenate(out))
 
     def macs(self) -> int:
         """Multiply-accumulates of one sample at the current density (kept weights only)."""

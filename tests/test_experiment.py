@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from minidress.cli import main
-from minidress.experiment import RunConfig, format_table, run_experiment
+from minidress.experiment import RunConfig, format_table, load_data, run_experiment, subset_indices
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +26,29 @@ def test_every_level_has_dress_and_baselines(result):
     b = result["bytes"]
     assert b["dense"] < b["nested"] < b["separate"] < b["separate_csr"]
     assert "| 0.25 |" in format_table(result)
+
+
+def test_pretrained_is_the_common_start(result):
+    """``pretrained`` is the dense network every method starts from: DRESS's weights moved away
+    from it, its test accuracy is the reported dense one."""
+    from minidress.train import evaluate
+    ds, _, x_test = load_data(RunConfig(seed=result["config"]["seed"]))
+    assert evaluate(result["pretrained"], x_test, ds.y_test)[1] == result["dense_acc"]
+    trained = result["dress"].model.parameters()
+    assert any(not np.array_equal(v, trained[k]) for k, v in result["pretrained"].parameters().items())
+
+
+def test_subsets_are_fixed_and_validated():
+    full_ds, full_x, _ = load_data(RunConfig(seed=3))
+    ds, x_train, x_test = load_data(RunConfig(seed=3, train_subset=100, test_subset=50))
+    idx = subset_indices(len(full_x), 100, "train_subset")
+    assert x_train.shape[0] == 100 and x_test.shape[0] == 50 and len(ds.y_test) == 50
+    assert np.array_equal(x_train, full_x[idx]) and np.array_equal(ds.y_train, full_ds.y_train[idx])
+    assert np.array_equal(idx, subset_indices(len(full_x), 100, "train_subset"))
+    with pytest.raises(ValueError, match="test_subset must be None .* or an integer >= 1, got 0"):
+        RunConfig(test_subset=0)
+    with pytest.raises(ValueError, match=r"train_subset must be an integer in \[1, 1347\], got 2000"):
+        load_data(RunConfig(train_subset=2000))
 
 
 def test_same_seed_same_numbers():

@@ -1,0 +1,91 @@
+"""Alternating sparse training: DRESS's nested levels, but one level per step, in turn.
+
+Source: L. Yang, J. Meng, J. Seo, D. Fan, "Get More at Once: Alternating Sparse Training with
+Gradient Correction" (AST), NeurIPS 2022. Its abstract: instead of the joint, multi-objective
+training of all sub-networks ("which suffers from very large training overhead"), AST trains
+multiple sparse sub-networks by alternating between them, at no extra cost compared with
+training a single sparse model, and adds a gradient correction within the inner-group iterations
+to reduce the interference of the sub-networks' updates.
+
+What this module is, and what we chose
+--------------------------------------
+The point here is to isolate what DRESS's joint weighted loss itself buys, so everything but the
+schedule is DRESS's (``minidress.dress.Dress``, built with DRESS's own options): the same
+levels, the same row-based nested masks from the same per-row ranks, the same per-level batch
+norms. Only the step differs:
+
+* DRESS: every step runs all K levels on one batch and descends ``sum_k lambda_k * loss_k``.
+* here: step ``t`` runs level ``t mod K`` alone (densest first, then sparser, round robin) on
+  its own batch and descends ``lambda_k * loss_k``. Given K times the steps, it makes exactly as
+  many forward/backward passes as DRESS, and every level is trained on as many batches.
+
+We leave out AST's gradient correction (the abstract does not define it and the paper's body
+was not available to us): this is "alternating as in AST", not AST. Re-ranking
+(``resample_every``, counted in DRESS joint steps) happens every ``resample_every * K``
+alternating steps, and a ramp (``ramp_steps``) should be given in alternating steps: both keep
+the same schedule per forward/backward pass as DRESS.
+"""
+from __future__ import annotations
+
+from ..dress import DEFAULT_LEVELS, Dress
+from ..train import dense_step
+from .common import Peer
+
+
+class Alternating(Peer):
+    """Alternating training of DRESS's levels on ``model`` (modified in place as by ``Dress``).
+
+    Parameters
+    ----------
+    model : minidress.layers.Sequential, usually pre-trained dense
+    levels : sequence of float in (0, 1], the trained densities
+    **dress_options : ``lambdas``, ``resample_every``, ``ramp``, ``ramp_steps``, ``norm``,
+        ``dense_first_last``, exactly as ``minidress.dress.Dress`` takes them (e.g.
+        ``RunConfig.dress_options(K * steps_per_epoch)``).
+
+    Attributes
+    ----------
+    dress : minidress.dress.Dress, which holds the masks, ranks and per-level batch norms
+    """
+
+    kind = "alternating"
+    counter = "dress_step"           # Dress's own step counter, so checkpoints are Dress's too
+
+    def __init__(self, model, levels=DEFAULT_LEVELS, **dress_options):
+        self.dress = Dress(model, levels, **dress_options)
+        self.model = self.net = model
+        self.batchnorms = self.dress.batchnorms
+        self.levels = self.dress.levels
+        self._options = {"levels": list(self.levels), **dress_options}
+
+    def options(self) -> dict:
+        return dict(self._options)
+
+    def level_at(self, step) -> int:
+        """The level trained at ``step``: round robin over the levels in the given order."""
+        return step % len(self.levels)
+
+    def use(self, density, level=None):
+        """``Dress.use``: any density is a per-row prefix of the ranking."""
+        self.dress.use(density, level)
+        return self
+
+    def has_statistics(self, point) -> bool:
+        return float(point) in self.levels
+
+    def step(self, model, xb, yb):
+        """One alternating step (``fit``'s signature): level ``t mod K`` alone."""
+        t = self._advance()
+        k = self.level_at(t)
+        dress = self.dress
+        if dress.resample_every and t > 0 and t % (dress.resample_every * len(self.levels)) == 0:
+            dress.sample()
+        dress.use(dress.level_densities(t)[k], level=k)
+        loss, correct, grads = dense_step(model, xb, yb)
+        lam = float(dress.lambdas[k])
+        if lam != 1.0:
+            grads = {name: g * g.dtype.type(lam) for name, g in grads.items()}
+        return lam * loss, correct, grads
+
+    def load_state(self, state):
+        self.dress.load_state(state)          # also forgets the masks cached for the old ranks
