@@ -13,9 +13,9 @@ from minidress.baselines import (Alternating, LCSLine, LCSPoint, USNet, WidthPla
 from minidress.data import load_digits, standardize
 from minidress.experiment import RunConfig
 from minidress.gradcheck import numerical_gradient, relative_error
-from minidress.layers import BatchNorm, LevelBatchNorm
+from minidress.layers import BatchNorm, LevelBatchNorm, Linear, ReLU
 from minidress.losses import softmax_cross_entropy
-from minidress.masks import layerwise_topk_mask, n_kept
+from minidress.masks import n_kept
 from minidress.metrics import macs
 from minidress.models import mlp, preact_resnet, small_cnn
 from minidress.optim import SGD
@@ -46,6 +46,13 @@ def tiny_mlp(seed=0, batchnorm=False):
     return model
 
 
+def assert_layerwise_topk(mask, w, d):
+    """``mask`` keeps the ``n_kept(d, w.size)`` largest |w| of the whole layer, however rows fare."""
+    kept, dropped = np.abs(w[mask != 0]), np.abs(w[mask == 0])
+    assert kept.size == n_kept(d, w.size)
+    assert dropped.size == 0 or kept.min() >= dropped.max()
+
+
 def train(peer, x, y, epochs=3, lr=0.05, **kw):
     return fit(peer.model, SGD(lr=lr, momentum=0.9, nesterov=True), x, y, epochs=epochs,
                batch_size=64, step=peer.step, quiet=True, **kw)
@@ -58,6 +65,21 @@ def outputs(peer, x, point):
         return peer.model.forward(x)
     finally:
         peer.model.train()
+
+
+def torch_mlp_logits(torch, model, weights, x):
+    """Logits of ``model`` (Linear and ReLU layers) in torch, from the tensors ``weights`` (by
+    parameter name), each Linear's weight multiplied by its current minidress mask."""
+    h = torch.tensor(x)
+    for name, layer in model.named_layers():
+        if isinstance(layer, Linear):
+            w = weights[f"{name}weight"]
+            if layer.mask is not None:
+                w = w * torch.tensor(layer.mask.reshape(w.shape))
+            h = h @ w.T + weights[f"{name}bias"]
+        elif isinstance(layer, ReLU):
+            h = torch.relu(h)
+    return h
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +182,7 @@ def test_lcs_point_densities_and_layerwise_masks(digits):
         lcs.step(model, x, y)
         d = lcs.sample_density(t)
         assert lcs.density == d
-        assert np.array_equal(model.layers[4].mask, layerwise_topk_mask(w, d))
+        assert_layerwise_topk(model.layers[4].mask, w, d)
         assert model.layers[1].mask is None and model.layers[7].mask is None
     assert lcs.steps_done == 5
 
@@ -220,13 +242,27 @@ def test_lcs_line_mixes_ends_and_ties_density_to_alpha(rng):
         want = 0.5 * lcs.model.params[f"end0.{name}"] + 0.5 * lcs.model.params[f"end1.{name}"]
         assert np.allclose(p, want, rtol=0, atol=1e-15)
     for layer in lcs.layers.values():
-        assert np.array_equal(layer.mask, layerwise_topk_mask(layer.params["weight"], 0.55))
+        assert_layerwise_topk(layer.mask, layer.params["weight"], 0.55)
     assert lcs.density_at(0) == 0.1 and lcs.density_at(1) == 1.0
     assert lcs.alpha_for(lcs.density_at(0.3)) == pytest.approx(0.3)
     assert [lcs.train_density(0.0, t) for t in (0, 5, 10, 20)] == pytest.approx([1.0, 0.55, 0.1, 0.1])
     with pytest.raises(ValueError, match=r"density must be in \[d_min, 1\]"):
         lcs.use(0.05)
     assert set(lcs.model.parameters()) == {f"end{e}.{n}" for e in (0, 1) for n in model.parameters()}
+
+
+def test_lcs_line_step_trains_the_warm_up_density(rng):
+    model = tiny_mlp()
+    lcs = LCSLine(model, d_min=0.1, warmup_steps=6, seed=4)
+    x, y = rng.standard_normal((9, 6)), rng.integers(0, 3, 9)
+    seen = []
+    for t in range(9):
+        lcs.step(lcs.model, x, y)
+        a = lcs.sample_alpha(t)
+        want = 1.0 - (1.0 - lcs.density_at(a)) * min(t, 6) / 6
+        assert lcs.alpha == a and lcs.density == pytest.approx(want, abs=1e-15)
+        seen.append(lcs.density)
+    assert seen[0] == 1.0 and any(lcs.density_at(lcs.sample_alpha(t)) < d < 1.0 for t, d in enumerate(seen[:6]))
 
 
 def test_lcs_line_biased_end_point_sampling():
@@ -265,6 +301,29 @@ def test_lcs_line_step_gradients_reach_both_ends(rng):
     assert sum(c * c for c in cosines.values()) == pytest.approx(lcs.last_regularizer / 0.7, rel=1e-12)
 
 
+def test_lcs_line_step_matches_torch(rng):
+    torch = pytest.importorskip("torch")
+    model = tiny_mlp()
+    lcs = LCSLine(model, beta=0.7, seed=2, endpoint_prob=0.0)
+    ends = lcs.model.params
+    for name in ends:
+        ends[name] += 0.3 * rng.standard_normal(ends[name].shape)
+    x, y = rng.standard_normal((9, 6)), rng.integers(0, 3, 9)
+    start = {name: v.copy() for name, v in ends.items()}
+    loss, _, grads = lcs.step(lcs.model, x, y)
+    a = lcs.alpha                                       # the masks stay as the step drew them
+    t = {name: torch.tensor(v, requires_grad=True) for name, v in start.items()}
+    mixed = {name: (1 - a) * t[f"end0.{name}"] + a * t[f"end1.{name}"] for name in model.parameters()}
+    ref = torch.nn.functional.cross_entropy(torch_mlp_logits(torch, model, mixed, x), torch.tensor(y))
+    for n in lcs.weight_names:
+        ref = ref + 0.7 * torch.nn.functional.cosine_similarity(
+            t[f"end0.{n}"].reshape(1, -1), t[f"end1.{n}"].reshape(1, -1))[0] ** 2
+    ref.backward()
+    assert_close(np.array(loss), ref.detach(), "LCS+L loss", 1e-12)
+    for name in start:
+        assert_close(grads[name], t[name].grad, f"LCS+L d loss / d {name}", 1e-10)
+
+
 def test_lcs_line_trains_holds_two_weight_sets_saves_and_loads(digits, tmp_path):
     x, y, xt, yt = digits
     lcs = LCSLine(digits_mlp(), warmup_steps=5)
@@ -281,16 +340,26 @@ def test_lcs_line_trains_holds_two_weight_sets_saves_and_loads(digits, tmp_path)
     assert np.array_equal(outputs(again, xt, 0.2), outputs(lcs, xt, 0.2))
 
 
-def test_lcs_line_resume_is_bit_identical(digits, tmp_path):
+PEER_BUILDERS = {
+    "LCS+P": lambda: LCSPoint(digits_mlp(), warmup_steps=4, seed=1),
+    "LCS+L": lambda: LCSLine(digits_mlp(), warmup_steps=4, seed=1),
+    "alternating": lambda: Alternating(digits_mlp(), levels=(1.0, 0.5, 0.25)),
+    "US-Nets": lambda: USNet(digits_mlp(), (1, 8, 8), width_min=0.25, n_per_step=3, seed=1),
+}
+
+
+@pytest.mark.parametrize("name", list(PEER_BUILDERS))
+def test_resume_is_bit_identical(digits, tmp_path, name):
     x, y = digits[0][:256], digits[1][:256]
-    whole = LCSLine(digits_mlp(), warmup_steps=4, seed=1)
+    whole = PEER_BUILDERS[name]()
     train(whole, x, y, epochs=3)
-    part = LCSLine(digits_mlp(), warmup_steps=4, seed=1)
+    part = PEER_BUILDERS[name]()
     train(part, x, y, epochs=2, checkpoint_path=tmp_path / "ck.npz")
-    resumed = LCSLine(digits_mlp(), warmup_steps=4, seed=1)
+    resumed = PEER_BUILDERS[name]()
     train(resumed, x, y, epochs=3, resume=tmp_path / "ck.npz")
-    for name, v in whole.model.state().items():
-        assert np.array_equal(v, resumed.model.state()[name]), name
+    assert resumed.steps_done == whole.steps_done
+    for key, v in whole.model.state().items():
+        assert np.array_equal(v, resumed.model.state()[key]), key
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,6 +514,29 @@ def test_usnet_step_is_the_gradient_of_the_sandwich_with_inplace_distillation(rn
         assert relative_error(grads[name], numerical_gradient(total, p)) < 1e-7, name
 
 
+def test_usnet_step_matches_torch(rng):
+    torch = pytest.importorskip("torch")
+    model = tiny_mlp()
+    us = USNet(model, (6,), width_min=0.4, n_per_step=3, seed=1)
+    x, y = rng.standard_normal((9, 6)), rng.integers(0, 3, 9)
+    loss, _, grads = us.step(model, x, y)
+    t = {name: torch.tensor(v, requires_grad=True) for name, v in model.parameters().items()}
+
+    def logits(width):                                  # the width's masks, then torch
+        us.use(width)
+        return torch_mlp_logits(torch, model, t, x)
+
+    widest = logits(1.0)
+    ref = torch.nn.functional.cross_entropy(widest, torch.tensor(y))
+    teacher = torch.softmax(widest, dim=1).detach()     # in-place distillation: no gradient
+    for w in us.last_widths[1:]:
+        ref = ref + torch.nn.functional.cross_entropy(logits(w), teacher)
+    ref.backward()
+    assert_close(np.array(loss), ref.detach(), "US-Nets loss", 1e-12)
+    for name in t:
+        assert_close(grads[name], t[name].grad, f"US-Nets d loss / d {name}", 1e-10)
+
+
 def test_usnet_trains_saves_and_loads(digits, tmp_path):
     x, y, xt, yt = digits
     us = USNet(digits_mlp(), x.shape[1:], width_min=0.25, n_per_step=3)
@@ -498,6 +590,12 @@ def test_comparison_is_reproducible_and_checks_its_input(comparison):
         run_comparison(cfg, densities=(1.0, 0.01))
     with pytest.raises(ValueError, match="peers must be among"):
         run_comparison(cfg, peers=("LCS",))
+    with pytest.raises(ValueError, match="1.0 among them"):
+        run_comparison(cfg, densities=(0.5, 0.1))
+    with pytest.raises(ValueError, match="beta must be a finite number >= 0, got 'big'"):
+        run_comparison(cfg, beta="big")
+    with pytest.raises(ValueError, match="d_min must be below 1"):
+        run_comparison(cfg, d_min=1.0)
     with pytest.raises(ValueError, match=r"train_subset must be an integer in \[1, 1347\]"):
         run_comparison(RunConfig(model="mlp", hidden=(8, 8), pretrain_epochs=0, epochs=0, quiet=True,
                                  train_subset=10 ** 7))

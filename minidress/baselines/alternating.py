@@ -15,8 +15,9 @@ levels, the same row-based nested masks from the same per-row ranks, the same pe
 norms. Only the step differs:
 
 * DRESS: every step runs all K levels on one batch and descends ``sum_k lambda_k * loss_k``.
-* here: step ``t`` runs level ``t mod K`` alone (densest first, then sparser, round robin) on
-  its own batch and descends ``lambda_k * loss_k``. Given K times the steps, it makes exactly as
+* here: step ``t`` runs level ``t mod K`` alone (in the order the levels are given, round
+  robin; DRESS's default levels are densest first) on its own batch and descends
+  ``lambda_k * loss_k``. Given K times the steps, it makes exactly as
   many forward/backward passes as DRESS, and every level is trained on as many batches.
 
 We leave out AST's gradient correction (the abstract does not define it and the paper's body

@@ -83,6 +83,12 @@ class Peer:
     net : minidress.layers.Sequential
         The network that computes (the same object as ``model``, except for LCS+L).
     batchnorms : list of LevelBatchNorm
+
+    Notes
+    -----
+    Validate a peer with ``evaluate`` at the points you care about, not with ``fit``'s
+    ``x_val``: ``fit`` would evaluate whatever sub-network the last step left in place (a random
+    density, or for LCS+L the mix of the ends before the last update).
     """
 
     kind = "peer"
@@ -117,7 +123,7 @@ class Peer:
         uses them); False if they must be recalibrated."""
         return False
 
-    def evaluate(self, x, y, point, x_calib=None, n_batches=10, batch_size=64, seed=0):
+    def evaluate(self, x, y, point, x_calib=None, n_batches=10, batch_size=128, seed=0):
         """``(loss, accuracy)`` of the sub-network at ``point`` on ``(x, y)``.
 
         Where the peer has batch norms but no statistics of its own for ``point``, they are

@@ -48,14 +48,13 @@ import numpy as np
 from .. import experiment
 from ..metrics import macs, storage_bytes
 from .alternating import Alternating
-from .lcs_line import LCSLine
-from .lcs_point import DEFAULT_D_MIN, LCSPoint
+from .lcs_line import LCSLine, check_beta
+from .lcs_point import DEFAULT_D_MIN, LCSPoint, check_d_min
 from .slimmable import USNet, WidthPlan, width_for_macs
 
 EVAL_DENSITIES = (1.0, 0.5, 0.25, 0.1, 0.05)
 PEERS = ("alternating", "LCS+P", "LCS+L", "US-Nets")
 METHODS = ("DRESS", *PEERS, "single compressed", "one-shot")
-SUBSET_SEED = 12345
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,10 +62,15 @@ SUBSET_SEED = 12345
 # ---------------------------------------------------------------------------------------------
 
 def _check_densities(densities, d_min):
-    ds = tuple(float(d) for d in densities)
-    if not ds or len(set(ds)) != len(ds) or not all(d_min <= d <= 1.0 for d in ds):
+    """The densities as floats; 1.0 must be among them (it is the dense reference of the MACs)."""
+    try:
+        ds = tuple(float(d) for d in densities)
+    except (TypeError, ValueError):
+        ds = ()
+    if (not ds or len(set(ds)) != len(ds) or not all(d_min <= d <= 1.0 for d in ds)
+            or 1.0 not in ds):
         raise ValueError(f"densities must be distinct numbers in [d_min, 1] = [{d_min}, 1], "
-                         f"got {list(densities)}")
+                         f"1.0 among them, got {densities!r}")
     return ds
 
 
@@ -111,6 +115,8 @@ def run_comparison(cfg: experiment.RunConfig, densities=EVAL_DENSITIES, peers=PE
     or None, ``macs``), ``bytes``, ``passes``, ``seconds`` (training wall time).
     """
     say = log or (lambda msg: None)
+    # Everything is checked here, before minutes of pre-training, not when the peer is built.
+    d_min, beta = check_d_min(d_min), check_beta(beta)
     densities = _check_densities(densities, d_min)
     unknown = [p for p in peers if p not in PEERS]
     if unknown:

@@ -91,6 +91,17 @@ def cos2_backward(dout, cache):
 # A network with two ends
 # ---------------------------------------------------------------------------------------------
 
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def check_beta(beta) -> float:
+    """``beta`` as a float, or a ValueError if it is not a finite number >= 0."""
+    if not _is_number(beta) or not np.isfinite(beta) or beta < 0:
+        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    return float(beta)
+
 class LineNet(Layer):
     """Both ends of every parameter of ``net``, as one layer that ``fit`` can train.
 
@@ -155,12 +166,10 @@ class LCSLine(Peer):
     def __init__(self, model, d_min=DEFAULT_D_MIN, beta=1.0, warmup_steps=0, endpoint_prob=0.5,
                  dense_first_last=True, seed=0):
         self.d_min = check_d_min(d_min)
-        self.beta = float(beta)
-        if not (np.isfinite(self.beta) and self.beta >= 0):
-            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+        self.beta = check_beta(beta)
+        if not _is_number(endpoint_prob) or not 0.0 <= endpoint_prob <= 1.0:
+            raise ValueError(f"endpoint_prob must be a number in [0, 1], got {endpoint_prob!r}")
         self.endpoint_prob = float(endpoint_prob)
-        if not 0.0 <= self.endpoint_prob <= 1.0:
-            raise ValueError(f"endpoint_prob must be in [0, 1], got {endpoint_prob!r}")
         self.warmup_steps = check_count(warmup_steps, "warmup_steps")
         self.seed = check_seed(seed)
         self.dense_first_last = bool(dense_first_last)

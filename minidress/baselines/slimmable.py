@@ -42,10 +42,10 @@ What we chose
   the MACs of the sliced network (``tests/test_baselines.py`` checks both the outputs and the
   MACs against a narrower network built and loaded by slicing).
 
-Why the masked network equals the sliced one: an inactive unit's pre-activation is zero (its
-row is masked), a batch norm then outputs its shift ``beta`` and a ReLU passes it on, but every
-layer reading that unit has the column masked, so it never reaches an active unit; residual sums
-add zero to zero.
+Why the masked network equals the sliced one: an inactive unit's row is masked, so its
+pre-activation is its bias (zero without one); a batch norm may shift it and a ReLU pass it on,
+but every layer reading that unit has the column masked, so it never reaches an active unit;
+residual sums add inactive channels only to inactive channels.
 """
 from __future__ import annotations
 
