@@ -82,6 +82,15 @@ def torch_mlp_logits(torch, model, weights, x):
     return h
 
 
+def assert_step_matches_torch(loss, grads, ref, leaves, label):
+    """Back-propagate torch's ``ref`` loss into ``leaves`` (by name) and compare with a step's
+    ``loss`` and ``grads``."""
+    ref.backward()
+    assert_close(np.array(loss), ref.detach(), f"{label} loss", 1e-12)
+    for name, leaf in leaves.items():
+        assert_close(grads[name], leaf.grad, f"{label} d loss / d {name}", 1e-10)
+
+
 # ---------------------------------------------------------------------------------------------
 # Hand-written gradients: the cos^2 regulariser and the distillation loss
 # ---------------------------------------------------------------------------------------------
@@ -318,10 +327,7 @@ def test_lcs_line_step_matches_torch(rng):
     for n in lcs.weight_names:
         ref = ref + 0.7 * torch.nn.functional.cosine_similarity(
             t[f"end0.{n}"].reshape(1, -1), t[f"end1.{n}"].reshape(1, -1))[0] ** 2
-    ref.backward()
-    assert_close(np.array(loss), ref.detach(), "LCS+L loss", 1e-12)
-    for name in start:
-        assert_close(grads[name], t[name].grad, f"LCS+L d loss / d {name}", 1e-10)
+    assert_step_matches_torch(loss, grads, ref, t, "LCS+L")
 
 
 def test_lcs_line_trains_holds_two_weight_sets_saves_and_loads(digits, tmp_path):
@@ -531,10 +537,7 @@ def test_usnet_step_matches_torch(rng):
     teacher = torch.softmax(widest, dim=1).detach()     # in-place distillation: no gradient
     for w in us.last_widths[1:]:
         ref = ref + torch.nn.functional.cross_entropy(logits(w), teacher)
-    ref.backward()
-    assert_close(np.array(loss), ref.detach(), "US-Nets loss", 1e-12)
-    for name in t:
-        assert_close(grads[name], t[name].grad, f"US-Nets d loss / d {name}", 1e-10)
+    assert_step_matches_torch(loss, grads, ref, t, "US-Nets")
 
 
 def test_usnet_trains_saves_and_loads(digits, tmp_path):
