@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -57,7 +57,6 @@ class RunConfig:
     train_subset: int | None = None
     test_subset: int | None = None
     quiet: bool = False
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         # Fail before minutes of pre-training, not after.
