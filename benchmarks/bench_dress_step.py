@@ -33,7 +33,7 @@ def main(argv=None):
     import numpy as np
     numba.set_num_threads(args.threads)
     from minidress.dress import Dress
-    from minidress.models import mlp
+    from minidress.nn.models import mlp
     print(blas_threads_report(args.threads, applied))
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, 1, 28, 28)).astype(np.float32)

@@ -60,7 +60,7 @@ def build(rows, row_len, densities, order, rng):
     """A random layer, its rank-ordered (or level-major) store arrays and the prefix lengths."""
     import numpy as np
     from minidress.masks import n_kept, row_ranks
-    from minidress.store import pack_rows
+    from minidress.deploy.store import pack_rows
     w = rng.standard_normal((rows, row_len)).astype(np.float32)
     prefix = [row_len] + [n_kept(d, row_len) for d in densities]
     values, cols = pack_rows(w, row_ranks(w), prefix, order)
@@ -72,7 +72,7 @@ def methods(w, values, cols, k, xt, torch):
     import numpy as np
     import scipy.sparse
     from minidress.kernels import rowsparse_matmul, rowsparse_matvec
-    from minidress.store import RowSparse
+    from minidress.deploy.store import RowSparse
     wm = RowSparse(w.shape, values, cols, np.array([k])).dense(k)
     csr = scipy.sparse.csr_matrix(wm)
     vec = xt.shape[1] == 1

@@ -7,7 +7,7 @@
 2. **Re-sampling on the device**: deriving the mask of a new density from dense weights, with a
    per-row partial sort (``np.argpartition``), a full per-row sort (``row_ranks``) and one sort of
    the whole layer (what a layer-wise top-k needs).
-3. **A budget trace** (``minidress.realtime``): requests with a changing time budget, served by
+3. **A budget trace** (``minidress.deploy.realtime``): requests with a changing time budget, served by
    DRESS switching per request, by a fixed dense model and by a CSR model that must be rebuilt
    to switch. Deadline misses, accuracy and switch cost per model.
 
@@ -46,14 +46,17 @@ def parse_args(argv=None):
 
 def quick_store(args):
     """Train a small DRESS MLP with every layer sparsified; return its store."""
-    from minidress.experiment import RunConfig, run_experiment
-    from minidress.store import Store
+    from minidress.app.experiment import RunConfig, run_experiment
+    from minidress.deploy.store import Store
+    from minidress.dress import DressOptions
     cfg = RunConfig(dataset=args.dataset, data_dir=args.data_dir, model="mlp",
-                    hidden=tuple(int(h) for h in args.hidden.split(",")), dense_first_last=False,
+                    hidden=tuple(int(h) for h in args.hidden.split(",")),
+                    dress=DressOptions(dense_first_last=False),
                     pretrain_epochs=args.epochs, epochs=args.epochs, baselines=False, grid=(1.0,),
                     batch_size=128, quiet=True)
-    r = run_experiment(cfg)
-    return Store.from_dress(r["dress"], meta={"model": r["model"], "config": r["config"], "dataset": r["dataset"]})
+    run = run_experiment(cfg)
+    r = run.metrics
+    return Store.from_dress(run.dress, meta={"model": r["model"], "config": r["config"], "dataset": r["dataset"]})
 
 
 def main(argv=None):
@@ -63,11 +66,11 @@ def main(argv=None):
     import numpy as np
     import scipy.sparse
     numba.set_num_threads(args.threads)
-    from minidress.experiment import RunConfig, load_data
+    from minidress.app.experiment import RunConfig, load_data
     from minidress.masks import n_kept, row_ranks
-    from minidress.realtime import budget_trace, serve
-    from minidress.runtime import DeployedModel
-    from minidress.store import Store
+    from minidress.deploy.realtime import budget_trace, serve
+    from minidress.deploy.runtime import DeployedModel
+    from minidress.deploy.store import Store
     print(blas_threads_report(args.threads, applied))
 
     store = Store.load(args.store) if args.store else quick_store(args)

@@ -6,7 +6,7 @@ order, SGD with momentum 0.9, and the same number of threads.
 
 What is timed: the training step only, ``forward + loss + backward + optimizer step`` over
 batches that were shuffled and gathered beforehand. The minidress step is exactly what
-``minidress.train.fit`` runs per batch (``dense_step`` then ``optimizer.step(model.parameters(),
+``minidress.nn.train.fit`` runs per batch (``dense_step`` then ``optimizer.step(model.parameters(),
 grads)``); the torch step does the same work (``zero_grad``, forward, ``cross_entropy``,
 ``backward``, ``step``, plus ``loss.item()`` and the number of correct predictions, which
 ``dense_step`` also returns). The time of the shuffle + gather (``iterate_minibatches``) is
@@ -128,7 +128,7 @@ def make_batches(x, y, batch_size: int, seed: int):
 
 def build_minidress(name: str, seed: int):
     import numpy as np
-    from minidress.models import lenet5, mlp
+    from minidress.nn.models import lenet5, mlp
 
     if name == "mlp":
         return mlp([784, 300, 100, 10], seed=seed, dtype=np.float32)
@@ -138,7 +138,7 @@ def build_minidress(name: str, seed: int):
 def to_torch(model):
     """The same network in torch, layer by layer, starting from the same weights."""
     import torch
-    from minidress import layers as L
+    from minidress.nn import layers as L
 
     mods = []
     for layer in model.layers:
@@ -166,8 +166,8 @@ class MinidressRunner:
     name = "minidress"
 
     def __init__(self, model_name, batches, lr, seed):
-        from minidress.optim import SGD
-        from minidress.train import dense_step
+        from minidress.nn.optim import SGD
+        from minidress.nn.train import dense_step
 
         self.model = build_minidress(model_name, seed).train()
         self.opt = SGD(lr, momentum=0.9)

@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import numpy as np
 
-from minidress.experiment import RunConfig, run_experiment
+from minidress.app.experiment import RunConfig, run_experiment
+from minidress.dress import DressOptions
 
 VARIANTS = {
     "base": {},
@@ -35,6 +36,9 @@ VARIANTS = {
 }
 
 
+DRESS_FIELDS = {f.name for f in fields(DressOptions)}
+
+
 def config_for(base: RunConfig, name: str, seed: int) -> RunConfig:
     opts = dict(VARIANTS[name])
     if "ramp_epochs" in opts:
@@ -43,13 +47,15 @@ def config_for(base: RunConfig, name: str, seed: int) -> RunConfig:
         opts["finetune_lr"] = base.finetune_lr * opts["finetune_lr"]
     if "lambdas" in opts and opts["lambdas"] is None:
         opts["lambdas"] = [1 / len(base.levels)] * len(base.levels)
-    return replace(base, seed=seed, baselines=(name == "base"), **opts)
+    dress = replace(base.dress, **{k: v for k, v in opts.items() if k in DRESS_FIELDS})
+    rest = {k: v for k, v in opts.items() if k not in DRESS_FIELDS}
+    return replace(base, seed=seed, baselines=(name == "base"), dress=dress, **rest)
 
 
 def run_one(task):
     name, cfg = task
     t0 = time.perf_counter()
-    r = run_experiment(cfg)
+    r = run_experiment(cfg).metrics
     print(f"# {name}, seed {cfg.seed}: {time.perf_counter() - t0:.0f} s", flush=True)
     return name, cfg.seed, r["levels"], min(c["recalibrated_acc"] for c in r["curve"])
 

@@ -1,6 +1,6 @@
 """DRESS beside its any-time peers (alternating training, LCS+P, LCS+L, US-Nets) and the single
 compressed / one-shot baselines: the same backbone, data, seed and number of sub-network
-forward/backward passes (``minidress.baselines.compare.run_comparison``).
+forward/backward passes (``minidress.app.compare.run_comparison``).
 
     python benchmarks/compare_anytime.py --jobs 2 --data-dir ../shared/data/mnist      # all three
     python benchmarks/compare_anytime.py --settings cnn --seeds 0,1,2 --jobs 2         # digits only
@@ -78,7 +78,7 @@ def parse_args(argv=None):
 
 
 def config_for(args, setting, seed):
-    from minidress.experiment import RunConfig
+    from minidress.app.experiment import RunConfig
     kw = dict(SETTINGS[setting]["config"])
     keys = ("epochs", "pretrain_epochs") + (("train_subset", "test_subset") if setting == "resnet" else ())
     kw.update({key: getattr(args, key) for key in keys if getattr(args, key) is not None})
@@ -89,7 +89,7 @@ def config_for(args, setting, seed):
 
 def run_one(task):
     setting, cfg = task
-    from minidress.baselines import run_comparison
+    from minidress.app.compare import run_comparison
     t0 = time.perf_counter()
 
     def log(msg):
@@ -102,7 +102,7 @@ def run_one(task):
 
 
 def report(setting, runs, out: Path):
-    from minidress.baselines import format_comparison, plot_comparison
+    from minidress.app.report import format_comparison, plot_comparison
     from minidress.fileio import atomic_write_bytes
     runs = sorted(runs, key=lambda r: r["config"]["seed"])
     c = runs[0]["config"]
@@ -139,20 +139,22 @@ def step_times(args):
     from common import interleaved_medians
     from minidress.baselines import Alternating, LCSLine, LCSPoint, USNet
     from minidress.dress import Dress
-    from minidress.models import build_model
-    from minidress.optim import SGD
+    from minidress.nn.models import build_model
+    from minidress.nn.optim import SGD
     for setting in args.settings:
         cfg = config_for(args, setting, 0)
         shape = (1, 8, 8) if cfg.dataset == "digits" else (1, 28, 28)
-        base = build_model(cfg.model, shape, 10, 0, hidden=tuple(cfg.hidden))
+        base = build_model({"name": cfg.model, "input_shape": list(shape), "n_classes": 10,
+                            "hidden": list(cfg.hidden)}, 0)
         rng = np.random.default_rng(0)
         xb = rng.standard_normal((cfg.batch_size, *shape)).astype(np.float32)
         yb = rng.integers(0, 10, cfg.batch_size)
         k, steps = len(cfg.levels), 100
-        peers = {"DRESS": Dress(copy.deepcopy(base), cfg.levels, **cfg.dress_options(steps)),
-                 "alternating": Alternating(copy.deepcopy(base), cfg.levels, **cfg.dress_options(k * steps)),
-                 "LCS+P": LCSPoint(copy.deepcopy(base), dense_first_last=cfg.dense_first_last),
-                 "LCS+L": LCSLine(copy.deepcopy(base), dense_first_last=cfg.dense_first_last),
+        dense_first_last = cfg.dress.dense_first_last
+        peers = {"DRESS": Dress(copy.deepcopy(base), cfg.dress_for(steps)),
+                 "alternating": Alternating(copy.deepcopy(base), cfg.dress_for(k * steps)),
+                 "LCS+P": LCSPoint(copy.deepcopy(base), dense_first_last=dense_first_last),
+                 "LCS+L": LCSLine(copy.deepcopy(base), dense_first_last=dense_first_last),
                  "US-Nets": USNet(copy.deepcopy(base), shape, width_min=0.25, n_per_step=k)}
         fns, passes = {}, {}
         for name, peer in peers.items():

@@ -104,7 +104,7 @@ def read_archive(path, kind: str, versions) -> tuple[dict[str, np.ndarray], dict
 def save_checkpoint(path, model, optimizer=None, meta=None) -> Path:
     """Save a model's state (parameters and buffers) and optionally an optimizer's.
 
-    ``meta`` should describe how to rebuild the model (see ``minidress.train.fit``), plus anything
+    ``meta`` should describe how to rebuild the model (see ``minidress.nn.train.fit``), plus anything
     else worth keeping: epoch, history, seed, options.
     """
     arrays = {f"model/{k}": v for k, v in model.state().items()}

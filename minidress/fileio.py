@@ -9,7 +9,6 @@ the untouched old one: we write to a temporary file in the *same* directory
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -93,28 +92,9 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
         f.write(data)
 
 
-def sha256_bytes(data: bytes) -> str:
-    """Hex SHA-256 digest of an in-memory bytes object (64 lowercase hex chars)."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: PathLike) -> str:
-    """Hex SHA-256 digest of a file, read in 1 MiB chunks so memory stays flat."""
-    return file_digest(path, "sha256")
-
-
-def file_digest(path: PathLike, algorithm: str = "sha256") -> str:
-    """Hex digest of a file with any ``hashlib`` algorithm (e.g. "md5", "sha256")."""
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_figure(fig, path: PathLike, dpi: int = 110) -> None:
     """Lay out a matplotlib figure, write it to ``path`` as PNG atomically, and close it."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt    # heavy: only when a figure is saved
     fig.tight_layout()
     with atomic_open(path) as f:
         fig.savefig(f, format="png", dpi=dpi)

@@ -81,42 +81,10 @@ def row_topk_mask(weight, density, importance_scores=None) -> np.ndarray:
     return (ranks < n_kept(density, ranks.shape[1])).reshape(np.shape(weight))
 
 
-class NestedMasks:
-    """All DRESS levels of one layer from a single array of per-row ranks.
-
-    Level ``d`` keeps the entries with ``rank < n_kept(d, row_len)``. Since ``n_kept`` grows with
-    ``d``, the kept set of a sparser level is a subset of every denser one: nesting comes for
-    free, and so does any density between the trained levels (a longer or shorter prefix of the
-    same ranking).
-
-    Parameters
-    ----------
-    weight : ndarray [rows, ...]
-    levels : sequence of float in (0, 1], e.g. ``(1.0, 0.5, 0.25, 0.1)``
-    importance_scores : ndarray, optional (default ``|weight|``)
-    """
-
-    def __init__(self, weight, levels=(1.0, 0.5, 0.25, 0.1), importance_scores=None):
-        self.levels = tuple(check_density(d, "levels") for d in levels)
-        if not self.levels:
-            raise ValueError("levels must list at least one density")
-        self.shape = tuple(np.shape(weight))
-        self.ranks = row_ranks(weight, importance_scores)
-
-    @property
-    def row_len(self) -> int:
-        return self.ranks.shape[1]
-
-    def n_kept(self, density) -> int:
-        """Entries kept in every row at ``density``."""
-        return n_kept(density, self.row_len)
-
-    def mask(self, density, dtype=bool) -> np.ndarray:
-        """The mask at ``density`` (a trained level or any other value in (0, 1])."""
-        return (self.ranks < self.n_kept(density)).reshape(self.shape).astype(dtype, copy=False)
-
-    def __repr__(self):
-        return f"NestedMasks(shape={self.shape}, levels={self.levels})"
+def nearest_level(levels, density) -> int:
+    """Index of the trained level nearest to ``density`` (ties: the denser level). A density
+    between trained levels uses that level's batch-norm slot, in training and when deployed."""
+    return min(range(len(levels)), key=lambda i: (abs(levels[i] - density), -levels[i]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,12 +7,12 @@ from helpers import assert_close
 from minidress.data import make_spirals
 from minidress.dress import (Dress, cubic_density, recalibrate_batchnorm, resolve_lambdas,
                              sparsifiable_layers)
-from minidress.gradcheck import numerical_gradient, relative_error
-from minidress.layers import LevelBatchNorm
-from minidress.losses import softmax_cross_entropy
-from minidress.models import mlp, small_cnn
-from minidress.optim import SGD
-from minidress.train import dense_step, fit
+from minidress.nn.gradcheck import numerical_gradient, relative_error
+from minidress.nn.layers import BatchNorm
+from minidress.nn.losses import softmax_cross_entropy
+from minidress.nn.models import mlp, small_cnn
+from minidress.nn.optim import SGD
+from minidress.nn.train import dense_step, fit
 
 F64 = np.float64
 
@@ -66,7 +66,7 @@ def test_each_level_trains_only_the_weights_it_keeps(rng):
     # per-level batch norm: level 1 had lambda 0, so its affine row got no gradient
     bn = dress.batchnorms[0]
     assert np.all(grads["2.weight"][1] == 0) and np.any(grads["2.weight"][0] != 0)
-    assert isinstance(bn, LevelBatchNorm) and bn.params["weight"].shape == (2, 8)
+    assert isinstance(bn, BatchNorm) and bn.n_slots == 2 and bn.params["weight"].shape == (2, 8)
 
 
 def test_joint_step_matches_torch_autograd(rng):

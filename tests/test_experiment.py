@@ -4,15 +4,21 @@ import json
 import numpy as np
 import pytest
 
-from minidress.cli import main
-from minidress.experiment import RunConfig, format_table, load_data, run_experiment, subset_indices
+from minidress.app.cli import main
+from minidress.app.experiment import RunConfig, load_data, run_experiment, subset_indices
+from minidress.app.report import format_table
 
 
 @pytest.fixture(scope="module")
-def result():
+def run():
     cfg = RunConfig(model="mlp", hidden=(32, 16), pretrain_epochs=2, epochs=1, grid=(0.1, 0.3, 1.0),
                     recalibrate_batches=2, quiet=True)
     return run_experiment(cfg)
+
+
+@pytest.fixture(scope="module")
+def result(run):
+    return run.metrics
 
 
 def test_every_level_has_dress_and_baselines(result):
@@ -28,14 +34,14 @@ def test_every_level_has_dress_and_baselines(result):
     assert "| 0.25 |" in format_table(result)
 
 
-def test_pretrained_is_the_common_start(result):
+def test_pretrained_is_the_common_start(run):
     """``pretrained`` is the dense network every method starts from: DRESS's weights moved away
     from it, its test accuracy is the reported dense one."""
-    from minidress.train import evaluate
-    ds, _, x_test = load_data(RunConfig(seed=result["config"]["seed"]))
-    assert evaluate(result["pretrained"], x_test, ds.y_test)[1] == result["dense_acc"]
-    trained = result["dress"].model.parameters()
-    assert any(not np.array_equal(v, trained[k]) for k, v in result["pretrained"].parameters().items())
+    from minidress.nn.train import evaluate
+    ds, _, x_test = load_data(RunConfig(seed=run.metrics["config"]["seed"]))
+    assert evaluate(run.pretrained, x_test, ds.y_test)[1] == run.metrics["dense_acc"]
+    trained = run.dress.model.parameters()
+    assert any(not np.array_equal(v, trained[k]) for k, v in run.pretrained.parameters().items())
 
 
 def test_subsets_are_fixed_and_validated():
@@ -55,9 +61,9 @@ def test_same_seed_same_numbers():
     cfg = RunConfig(model="mlp", hidden=(16, 16), pretrain_epochs=1, epochs=1, grid=(0.5,),
                     baselines=False, recalibrate_batches=1, quiet=True)
     a, b = run_experiment(cfg), run_experiment(cfg)
-    assert a["levels"] == b["levels"] and a["curve"] == b["curve"]
-    for k, v in a["dress"].model.state().items():
-        assert np.array_equal(v, b["dress"].model.state()[k])
+    assert a.metrics["levels"] == b.metrics["levels"] and a.metrics["curve"] == b.metrics["curve"]
+    for k, v in a.dress.model.state().items():
+        assert np.array_equal(v, b.dress.model.state()[k])
 
 
 def test_cli_train_dress_then_eval_any_density(tmp_path, capsys):
@@ -91,3 +97,21 @@ def test_cli_rejects_bad_dress_options(tmp_path, capsys, argv, message):
     assert main(["train", "--quiet", "--pretrain-epochs", "0", "--epochs", "0", "--out",
                  str(tmp_path), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_every_dress_option_is_a_flag_of_minidress_train(capsys):
+    """The flags are generated from DressOptions: one per field (ramp_steps comes from
+    --ramp-epochs), each with the field's default."""
+    from dataclasses import fields
+
+    from minidress.app.cli import build_parser
+    from minidress.dress import DressOptions
+    args = build_parser().parse_args(["train"])
+    for f in fields(DressOptions):
+        if f.name != "ramp_steps":
+            assert hasattr(args, f.name), f.name
+    from minidress.app.cli import dress_options
+    assert dress_options(args) == DressOptions()
+    assert dress_options(build_parser().parse_args(["train", "--sparsify-all", "--norm", "shared",
+                                                    "--levels", "1,0.3"])) == \
+        DressOptions(levels=(1.0, 0.3), norm="shared", dense_first_last=False)

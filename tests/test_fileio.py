@@ -1,12 +1,11 @@
 """Tests for minidress.fileio: atomic writes and hashing."""
 
-import hashlib
 import os
 
 import numpy as np
 import pytest
 
-from minidress.fileio import atomic_open, atomic_write_bytes, file_digest, sha256_bytes, sha256_file
+from minidress.fileio import atomic_open, atomic_write_bytes
 
 
 def _leftovers(directory):
@@ -82,14 +81,3 @@ def test_atomic_open_text_mode_and_bad_mode(tmp_path):
             pass
 
 
-def test_sha256_matches_hashlib(tmp_path):
-    rng = np.random.default_rng(0)
-    data = rng.integers(0, 256, size=3 * (1 << 20) + 17, dtype=np.uint8).tobytes()  # > 1 chunk
-    path = tmp_path / "blob"
-    path.write_bytes(data)
-    expected = hashlib.sha256(data).hexdigest()
-    assert sha256_bytes(data) == expected
-    assert sha256_file(path) == expected
-    assert sha256_file(str(path)) == expected
-    assert file_digest(path, "md5") == hashlib.md5(data).hexdigest()
-    assert sha256_bytes(b"") == hashlib.sha256(b"").hexdigest()

@@ -6,8 +6,8 @@ import pytest
 
 from helpers import assert_close
 from minidress.checkpoint import read_archive, write_archive
-from minidress.cli import main
-from minidress.golden import GOLDEN_KIND, GOLDEN_VERSION, check_golden, write_golden
+from minidress.app.cli import main
+from minidress.app.golden import GOLDEN_KIND, GOLDEN_VERSION, check_golden, write_golden
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def golden(tmp_path_factory):
 
 
 def test_check_recomputes_every_tensor_exactly(golden):
-    diffs = check_golden(golden)
+    diffs = {name: r["max_diff"] for name, r in check_golden(golden).items()}
     assert len(diffs) > 50 and max(diffs.values()) <= 1e-12
     assert any(k.startswith("cnn/mask/2/") for k in diffs)
 
@@ -25,8 +25,8 @@ def test_check_reports_a_wrong_tensor(golden, tmp_path):
     arrays, meta = read_archive(golden, GOLDEN_KIND, {GOLDEN_VERSION})
     arrays["mlp/grad/2.weight"] = arrays["mlp/grad/2.weight"] + 1e-6
     bad = write_archive(tmp_path / "bad.npz", arrays, meta, GOLDEN_KIND, GOLDEN_VERSION)
-    diffs = check_golden(bad)
-    assert diffs["mlp/grad/2.weight"] == pytest.approx(1e-6)
+    report = check_golden(bad)
+    assert report["mlp/grad/2.weight"]["max_diff"] == pytest.approx(1e-6)
     assert main(["golden", "--check", str(bad)]) == 1
     assert main(["golden", "--check", str(golden)]) == 0
 
@@ -85,3 +85,15 @@ def test_golden_file_in_pytorch(golden):
 def test_cli_golden_needs_one_action(capsys):
     assert main(["golden"]) == 2
     assert "exactly one of --out" in capsys.readouterr().err
+
+
+def test_check_prints_the_first_entries_of_a_failing_tensor_and_never_passes_nan(golden, tmp_path, capsys):
+    arrays, meta = read_archive(golden, GOLDEN_KIND, {GOLDEN_VERSION})
+    bad = dict(arrays)
+    bad["cnn/logits/1"] = bad["cnn/logits/1"].copy()
+    bad["cnn/logits/1"].flat[1] = np.nan                    # not the first entry: max() would skip it
+    path = write_archive(tmp_path / "nan.npz", bad, meta, GOLDEN_KIND, GOLDEN_VERSION)
+    assert main(["golden", "--check", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "cnn/logits/1" in out and "above tolerance" in out and "MISMATCH" in out
+    assert "[1] ours" in out and "file nan" in out and "NOT OK" in out

@@ -6,13 +6,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minidress.kernels import (im2col_cnhw, rowsparse_conv2d, rowsparse_conv2d_reference,
+from minidress.im2col import im2col_cnhw
+from minidress.kernels import (index_dtype, rowsparse_conv2d, rowsparse_conv2d_reference,
                                rowsparse_matmul, rowsparse_matmul_grads,
                                rowsparse_matmul_grads_reference, rowsparse_matmul_reference,
                                rowsparse_matvec, rowsparse_matvec_reference)
 from minidress.kernels import rowsparse as rs
-from minidress.layers import conv2d_forward, im2col
-from minidress.metrics import index_dtype
+from minidress.nn.layers import conv2d_forward, im2col
 
 DTYPES = [np.float32, np.float64]
 TOL = {np.float32: 1e-5, np.float64: 1e-12}

@@ -3,12 +3,12 @@ and the im2col convolution against its naive loop version."""
 import numpy as np
 import pytest
 
-from minidress.gradcheck import check_layer, numerical_gradient, relative_error
-from minidress.layers import (AvgPool2d, BatchNorm, Conv2d, Flatten, GlobalAvgPool, Linear,
+from minidress.nn.gradcheck import check_layer, numerical_gradient, relative_error
+from minidress.nn.layers import (AvgPool2d, BatchNorm, Conv2d, Flatten, GlobalAvgPool, Linear, in_slot,
                               MaxPool2d, PreActBlock, ReLU, Sequential, conv2d_forward,
                               conv2d_forward_naive)
-from minidress.losses import softmax_cross_entropy
-from minidress.models import lenet5, mlp, preact_resnet
+from minidress.nn.losses import softmax_cross_entropy
+from minidress.nn.models import lenet5, mlp, preact_resnet
 
 TOL = 1e-7
 F64 = np.float64
@@ -205,3 +205,40 @@ def test_same_seed_same_weights():
     s1, s2 = preact_resnet(seed=3).state(), preact_resnet(seed=3).state()
     assert all(np.array_equal(s1[k], s2[k]) for k in s1)
     assert not np.array_equal(s1["0.weight"], preact_resnet(seed=4).state()["0.weight"])
+
+
+# ---------------------------------------------------------------------------------------------
+# One BatchNorm class with slots
+# ---------------------------------------------------------------------------------------------
+
+def test_batchnorm_slots_start_equal_and_train_only_the_slot_in_use():
+    bn = BatchNorm(3, dtype=np.float64)
+    bn.params["weight"][...] = [1.0, 2.0, 3.0]
+    bn.set_slots(2, per_slot_stats=True, per_slot_affine=False)
+    assert bn.params["weight"].shape == (1, 3) and bn.buffers["running_mean"].shape == (2, 3)
+    assert np.array_equal(bn.params["weight"][0], [1.0, 2.0, 3.0])
+    x = np.random.default_rng(0).standard_normal((4, 3))
+    bn.slot = 1
+    bn.forward(x)
+    bn.backward(np.ones_like(x))
+    assert np.all(bn.buffers["running_mean"][0] == 0) and np.any(bn.buffers["running_mean"][1] != 0)
+    assert bn.grads["weight"].shape == (1, 3)                     # a shared pair: its only row
+    bn.set_slots(2, per_slot_stats=True, per_slot_affine=False)  # the same layout again: no-op
+    with pytest.raises(ValueError, match="already has slots"):
+        bn.set_slots(3)
+    bn.slot = 2
+    with pytest.raises(ValueError, match=r"slot must be in \[0, 2\), got 2"):
+        bn.forward(x)
+
+
+def test_in_slot_is_the_one_slot_rule():
+    per_slot, shared, plain = np.arange(6).reshape(3, 2), np.arange(2)[None], np.arange(2)
+    assert in_slot(per_slot, 2).tolist() == [4, 5]
+    assert in_slot(shared, 2).tolist() == [0, 1] and in_slot(plain, 2).tolist() == [0, 1]
+
+
+def test_a_one_slot_peer_checkpoint_names_its_conversion():
+    model = Sequential(Linear(3, 2, dtype=np.float64), BatchNorm(2, dtype=np.float64))
+    state = {k: (v[None] if k.startswith("1.") else v) for k, v in model.state().items()}
+    with pytest.raises(ValueError, match=r"state\['1.weight'\] has shape \(1, 2\).*\[0\]"):
+        model.load_state(state)

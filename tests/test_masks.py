@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minidress.masks import (NestedMasks, check_density, global_topk_masks, layerwise_topk_mask,
+from minidress.dress import DressOptions
+from minidress.masks import (check_density, global_topk_masks, layerwise_topk_mask,
                              n_kept, row_ranks, row_topk_mask, structured_row_mask)
 
 densities = st.floats(min_value=1e-3, max_value=1.0, allow_nan=False)
@@ -44,9 +45,9 @@ def test_kept_entries_dominate_dropped_ones(shape, d, seed):
 @settings(max_examples=60, deadline=None)
 @given(shape=shapes, d1=densities, d2=densities, seed=st.integers(0, 2**16), ties=st.booleans())
 def test_levels_are_nested_for_every_pair(shape, d1, d2, seed, ties):
-    nm = NestedMasks(weights(shape, seed, ties), levels=(d1, d2))
+    w = weights(shape, seed, ties)
     lo, hi = sorted((d1, d2))
-    assert np.all(nm.mask(lo) <= nm.mask(hi))
+    assert np.all(row_topk_mask(w, lo) <= row_topk_mask(w, hi))
 
 
 def test_ties_go_to_the_lower_column():
@@ -66,9 +67,7 @@ def test_rounding_is_half_up_with_a_floor_of_one():
 def test_density_one_is_dense_and_masks_never_edit_weights():
     w = weights((5, 3, 2, 2), 0)
     before = w.copy()
-    nm = NestedMasks(w)
-    assert nm.mask(1.0).all()
-    assert nm.levels == (1.0, 0.5, 0.25, 0.1)
+    assert row_topk_mask(w, 1.0).all()
     assert np.array_equal(w, before)
 
 
@@ -83,9 +82,9 @@ def test_ranks_are_row_permutations_and_match_importance_scores():
 
 
 def test_between_levels_is_a_prefix_of_the_same_ranking():
-    nm = NestedMasks(weights((6, 50), 1), levels=(1.0, 0.5, 0.1))
-    m = nm.mask(0.3)
-    assert np.all(nm.mask(0.1) <= m) and np.all(m <= nm.mask(0.5))
+    w = weights((6, 50), 1)
+    m = row_topk_mask(w, 0.3)
+    assert np.all(row_topk_mask(w, 0.1) <= m) and np.all(m <= row_topk_mask(w, 0.5))
     assert np.all(m.sum(axis=1) == 15)
 
 
@@ -94,7 +93,7 @@ def test_invalid_densities_are_rejected(bad):
     with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
         row_topk_mask(np.ones((2, 3)), bad)
     with pytest.raises(ValueError, match=r"levels must be in \(0, 1\]"):
-        NestedMasks(np.ones((2, 3)), levels=(1.0, bad))
+        DressOptions(levels=(1.0, bad))
 
 
 def test_invalid_shapes_are_rejected():

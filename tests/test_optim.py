@@ -1,10 +1,10 @@
-"""Tests for minidress.optim: torch parity (float64), checkpoints, dtypes, errors, schedules."""
+"""Tests for minidress.nn.optim: torch parity (float64), checkpoints, dtypes, errors, schedules."""
 import math
 
 import numpy as np
 import pytest
 
-from minidress.optim import (SGD, Adam, constant, cosine, linear_warmup, make_schedule,
+from minidress.nn.optim import (SGD, Adam, constant, cosine, linear_warmup, make_schedule,
                              step_decay)
 
 SHAPES = {"0.weight": (4, 3), "0.bias": (4,), "1.weight": (2, 4, 3, 3)}

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from test_store import make_dress
 
-from minidress.metrics import macs
-from minidress.runtime import DeployedModel
-from minidress.store import Store
-from minidress.train import predict_logits
+from minidress.nn.metrics import macs
+from minidress.deploy.runtime import DeployedModel
+from minidress.deploy.store import Store
+from minidress.nn.train import predict_logits
 
 CASES = [("mlp", (1, 8, 8)), ("cnn", (1, 8, 8)), ("lenet5", (1, 28, 28)), ("resnet", (1, 12, 12))]
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from minidress.checkpoint import ArchiveError, read_archive, write_archive
-from minidress.experiment import build_dress
+from minidress.dress import Dress, DressOptions, build_dress
 from minidress.masks import n_kept
-from minidress.store import Store, pack_rows
-from minidress.train import predict_logits
+from minidress.deploy.store import Store, pack_rows
+from minidress.nn.train import predict_logits
 
 CFG = {"levels": [1.0, 0.5, 0.25, 0.1], "lambdas": "uniform", "resample_every": 0, "ramp": "none",
        "norm": "per_level", "dense_first_last": True}
@@ -18,7 +18,7 @@ def make_dress(name="cnn", shape=(1, 8, 8), dtype=np.float64, seed=0, **cfg):
     per-level slots differ and folding them is exercised."""
     spec = {"name": name, "input_shape": list(shape), "n_classes": 10, "hidden": [24, 16]}
     config = {**CFG, **cfg}
-    dress = build_dress(spec, config, dtype)
+    dress = build_dress(spec, DressOptions.from_config(config), dtype)
     rng = np.random.default_rng(seed)
     for bn in dress.batchnorms:
         for d in (bn.params, bn.buffers):
@@ -76,7 +76,7 @@ def test_save_load_to_dress_gives_the_same_network_at_any_density(tmp_path, name
     loaded = Store.load(store.save(tmp_path / "s.npz"))
     for k, v in store.arrays().items():
         assert np.array_equal(v, loaded.arrays()[k]) and v.dtype == loaded.arrays()[k].dtype
-    again = loaded.to_dress()
+    again = Dress.from_store(loaded)
     x = np.random.default_rng(1).standard_normal((4, *shape))
     for d in (1.0, 0.5, 0.25, 0.1, 0.37, 0.03):
         dress.use(d)

@@ -6,11 +6,11 @@ import pytest
 
 from minidress.checkpoint import (ArchiveError, load_checkpoint, read_archive, save_checkpoint,
                                   write_archive)
-from minidress.cli import main
+from minidress.app.cli import main
 from minidress.data import make_spirals
-from minidress.models import mlp, small_cnn
-from minidress.optim import SGD, Adam, make_schedule
-from minidress.train import dense_step, evaluate, fit
+from minidress.nn.models import mlp, small_cnn
+from minidress.nn.optim import SGD, Adam, make_schedule
+from minidress.nn.train import dense_step, evaluate, fit
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 
 from helpers import assert_close
-from minidress.layers import (AvgPool2d, BatchNorm, Conv2d, GlobalAvgPool, Linear, MaxPool2d,
+from minidress.nn.layers import (AvgPool2d, BatchNorm, Conv2d, GlobalAvgPool, Linear, MaxPool2d,
                               PreActBlock, ReLU, Sequential)
-from minidress.losses import softmax_cross_entropy
-from minidress.models import lenet5, mlp, preact_resnet
+from minidress.nn.losses import softmax_cross_entropy
+from minidress.nn.models import lenet5, mlp, preact_resnet
 
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional

@@ -1,7 +1,7 @@
 """DRESS's any-time peers, built inside minidress from their papers (no code copied).
 
 Each peer trains one network that can run as many sub-networks, through the same layers,
-training loop (``minidress.train.fit`` via ``minidress.experiment.train_phase``) and batch-norm
+training loop (``minidress.nn.train.fit`` via ``minidress.app.experiment.train_phase``) and batch-norm
 recalibration as DRESS, so that a comparison measures the methods, not their implementations.
 
 * ``alternating``: alternating training as in AST (Yang et al., NeurIPS 2022). DRESS's nested
@@ -14,14 +14,13 @@ recalibration as DRESS, so that a comparison measures the methods, not their imp
   Widths, a prefix of every layer's units; the sandwich of n widths per step, in-place
   distillation.
 
-The single compressed networks and one-shot pruning are in ``minidress.experiment``;
-``compare.run_comparison`` runs everything side by side (``benchmarks/compare_anytime.py`` is
+The single compressed networks and one-shot pruning are in ``minidress.app.experiment``;
+``minidress.app.compare.run_comparison`` runs everything side by side (``benchmarks/compare_anytime.py`` is
 the command, ``docs/results.md`` the numbers). Each module's docstring states its source and
 what we chose where the source left a choice (or where its text was not available to us).
 """
 from .alternating import Alternating
 from .common import Peer
-from .compare import EVAL_DENSITIES, METHODS, PEERS, format_comparison, plot_comparison, run_comparison
 from .lcs_line import LCSLine, LineNet, cos2_backward, cos2_forward
 from .lcs_point import LCSPoint
 from .slimmable import (USNet, WidthPlan, soft_cross_entropy_backward, soft_cross_entropy_forward,
@@ -29,5 +28,4 @@ from .slimmable import (USNet, WidthPlan, soft_cross_entropy_backward, soft_cros
 
 __all__ = ["Peer", "Alternating", "LCSPoint", "LCSLine", "LineNet", "USNet", "WidthPlan",
            "width_for_macs", "cos2_forward", "cos2_backward", "soft_cross_entropy_forward",
-           "soft_cross_entropy_backward", "run_comparison", "format_comparison", "plot_comparison",
-           "EVAL_DENSITIES", "METHODS", "PEERS"]
+           "soft_cross_entropy_backward"]

@@ -28,8 +28,10 @@ the same schedule per forward/backward pass as DRESS.
 """
 from __future__ import annotations
 
-from ..dress import DEFAULT_LEVELS, Dress
-from ..train import dense_step
+from dataclasses import asdict
+
+from ..dress import Dress, DressOptions
+from ..nn.train import dense_step
 from .common import Peer
 
 
@@ -38,11 +40,9 @@ class Alternating(Peer):
 
     Parameters
     ----------
-    model : minidress.layers.Sequential, usually pre-trained dense
-    levels : sequence of float in (0, 1], the trained densities
-    **dress_options : ``lambdas``, ``resample_every``, ``ramp``, ``ramp_steps``, ``norm``,
-        ``dense_first_last``, exactly as ``minidress.dress.Dress`` takes them (e.g.
-        ``RunConfig.dress_options(K * steps_per_epoch)``).
+    model : minidress.nn.layers.Sequential, usually pre-trained dense
+    options : minidress.dress.DressOptions (e.g. ``RunConfig.dress_for(K * steps_per_epoch)``)
+    **changes : options to change, as ``Dress`` takes them
 
     Attributes
     ----------
@@ -52,15 +52,14 @@ class Alternating(Peer):
     kind = "alternating"
     counter = "dress_step"           # Dress's own step counter, so checkpoints are Dress's too
 
-    def __init__(self, model, levels=DEFAULT_LEVELS, **dress_options):
-        self.dress = Dress(model, levels, **dress_options)
+    def __init__(self, model, options: DressOptions | None = None, **changes):
+        self.dress = Dress(model, options, **changes)
         self.model = self.net = model
         self.batchnorms = self.dress.batchnorms
         self.levels = self.dress.levels
-        self._options = {"levels": list(self.levels), **dress_options}
 
     def options(self) -> dict:
-        return dict(self._options)
+        return asdict(self.dress.options)
 
     def level_at(self, step) -> int:
         """The level trained at ``step``: round robin over the levels in the given order."""
@@ -79,8 +78,9 @@ class Alternating(Peer):
         t = self._advance()
         k = self.level_at(t)
         dress = self.dress
-        if dress.resample_every and t > 0 and t % (dress.resample_every * len(self.levels)) == 0:
-            dress.sample()
+        every = dress.options.resample_every
+        if every and t > 0 and t % (every * len(self.levels)) == 0:
+            dress.rank()
         dress.use(dress.level_densities(t)[k], level=k)
         loss, correct, grads = dense_step(model, xb, yb)
         lam = float(dress.lambdas[k])

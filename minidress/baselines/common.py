@@ -3,8 +3,8 @@
 A peer wraps a model (usually the pre-trained dense backbone, modified in place) and offers
 
 * ``step(model, xb, yb) -> (loss, n_correct, grads)``: one training step, the ``step`` signature
-  of ``minidress.train.fit``, so every peer trains through the same loop and the same
-  ``minidress.experiment.train_phase`` (SGD, cosine schedule) as DRESS;
+  of ``minidress.nn.train.fit``, so every peer trains through the same loop and the same
+  ``minidress.app.experiment.train_phase`` (SGD, cosine schedule) as DRESS;
 * ``use(point)``: make the model compute the sub-network at ``point`` (a density, or a width
   for US-Nets);
 * ``evaluate(x, y, point, x_calib)``: test loss and accuracy at ``point``, with batch-norm
@@ -25,9 +25,10 @@ import json
 import numpy as np
 
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..dress import recalibrate_batchnorm, replace_batchnorms
-from ..layers import LevelBatchNorm
-from ..train import evaluate
+from ..dress import recalibrate_batchnorm
+from ..nn.layers import BatchNorm
+from ..nn.train import evaluate
+from ..validate import check_int
 
 
 def step_rng(seed, step) -> np.random.Generator:
@@ -36,33 +37,19 @@ def step_rng(seed, step) -> np.random.Generator:
 
 
 def check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    return int(seed)
+    return check_int(seed, "seed", 0, "a non-negative integer")
 
 
-def check_count(value, name, minimum=0) -> int:
-    """``value`` as an int, or a ValueError naming ``name`` if it is not an integer >= minimum."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+def batchnorms_of(model) -> list:
+    """Every ``BatchNorm`` of ``model``; a peer's batch norms have one slot, shared by every
+    sub-network, whose statistics ``recalibrate_batchnorm`` can override for one of them."""
+    return [m for _, m in model.named_layers() if isinstance(m, BatchNorm)]
 
 
-def shared_batchnorms(model) -> list:
-    """Replace every ``BatchNorm`` of ``model`` (in place) by a one-slot ``LevelBatchNorm``.
-
-    One slot means one set of affine parameters and running statistics shared by every
-    sub-network; the ``LevelBatchNorm`` form is what lets ``recalibrate_batchnorm`` install
-    statistics for one sub-network (``stats_override``) without touching the running ones.
-    """
-    replace_batchnorms(model, lambda bn: LevelBatchNorm.from_batchnorm(bn, 1))
-    return [m for _, m in model.named_layers() if isinstance(m, LevelBatchNorm)]
-
-
-def forget_recalibration(batchnorms, level=0):
-    """Point every batch norm at slot ``level`` and drop recalibrated statistics."""
+def forget_recalibration(batchnorms, slot=0):
+    """Point every batch norm at ``slot`` and drop recalibrated statistics."""
     for bn in batchnorms:
-        bn.level, bn.stats_override = level, None
+        bn.slot, bn.stats_override = slot, None
 
 
 def _jsonable(options: dict) -> dict:
@@ -78,11 +65,11 @@ class Peer:
 
     Attributes
     ----------
-    model : minidress.layers.Layer
+    model : minidress.nn.layers.Layer
         What ``fit`` trains: ``model.parameters()`` are exactly the arrays the optimizer updates.
-    net : minidress.layers.Sequential
+    net : minidress.nn.layers.Sequential
         The network that computes (the same object as ``model``, except for LCS+L).
-    batchnorms : list of LevelBatchNorm
+    batchnorms : list of BatchNorm
 
     Notes
     -----
@@ -143,7 +130,7 @@ class Peer:
         plus, when it has batch norms without statistics of its own, one recalibrated
         (mean, variance) pair per batch norm for each of ``n_points`` points."""
         total = sum(a.nbytes for a in self.model.state().values() if a.dtype.kind == "f")
-        per_point = sum(2 * bn.buffers["running_mean"][0].nbytes for bn in self.batchnorms)
+        per_point = sum(2 * bn.num_features * bn.buffers["running_mean"].itemsize for bn in self.batchnorms)
         return int(total + n_points * per_point)
 
     # -- files ---------------------------------------------------------------------------------

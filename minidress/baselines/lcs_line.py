@@ -40,10 +40,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..dress import sparsifiable_layers
-from ..layers import Conv2d, Layer, Linear
+from ..nn.layers import Conv2d, Layer, Linear
 from ..masks import check_density, layerwise_topk_mask
-from ..train import dense_step
-from .common import Peer, check_count, check_seed, forget_recalibration, shared_batchnorms, step_rng
+from ..nn.train import dense_step
+from ..validate import check_int, check_number
+from .common import Peer, batchnorms_of, check_seed, forget_recalibration, step_rng
 from .lcs_point import DEFAULT_D_MIN, check_d_min
 
 
@@ -92,15 +93,10 @@ def cos2_backward(dout, cache):
 # ---------------------------------------------------------------------------------------------
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
 def check_beta(beta) -> float:
     """``beta`` as a float, or a ValueError if it is not a finite number >= 0."""
-    if not _is_number(beta) or not np.isfinite(beta) or beta < 0:
-        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
-    return float(beta)
+    return check_number("beta", beta, ">= 0", lambda b: b >= 0)
+
 
 class LineNet(Layer):
     """Both ends of every parameter of ``net``, as one layer that ``fit`` can train.
@@ -143,7 +139,7 @@ class LCSLine(Peer):
 
     Parameters
     ----------
-    model : minidress.layers.Sequential, usually pre-trained dense
+    model : minidress.nn.layers.Sequential, usually pre-trained dense
     d_min : float in (0, 1), the density at ``a = 0`` (default 0.025)
     beta : float >= 0, weight of the ``cos^2`` regulariser (default 1)
     warmup_steps : int >= 0
@@ -167,15 +163,14 @@ class LCSLine(Peer):
                  dense_first_last=True, seed=0):
         self.d_min = check_d_min(d_min)
         self.beta = check_beta(beta)
-        if not _is_number(endpoint_prob) or not 0.0 <= endpoint_prob <= 1.0:
-            raise ValueError(f"endpoint_prob must be a number in [0, 1], got {endpoint_prob!r}")
-        self.endpoint_prob = float(endpoint_prob)
-        self.warmup_steps = check_count(warmup_steps, "warmup_steps")
+        self.endpoint_prob = check_number("endpoint_prob", endpoint_prob, "in [0, 1]",
+                                          lambda p: 0.0 <= p <= 1.0)
+        self.warmup_steps = check_int(warmup_steps, "warmup_steps")
         self.seed = check_seed(seed)
         self.dense_first_last = bool(dense_first_last)
         self.net = model
         self.layers = sparsifiable_layers(model, self.dense_first_last)
-        self.batchnorms = shared_batchnorms(model)       # before the ends copy the parameters
+        self.batchnorms = batchnorms_of(model)       # before the ends copy the parameters
         self.model = LineNet(model)
         self.weight_names = [f"{name}weight" for name, layer in model.named_layers()
                              if isinstance(layer, (Linear, Conv2d))]

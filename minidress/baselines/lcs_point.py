@@ -38,8 +38,9 @@ from __future__ import annotations
 
 from ..dress import sparsifiable_layers
 from ..masks import check_density, layerwise_topk_mask
-from ..train import dense_step
-from .common import Peer, check_count, check_seed, forget_recalibration, shared_batchnorms, step_rng
+from ..nn.train import dense_step
+from ..validate import check_int
+from .common import Peer, batchnorms_of, check_seed, forget_recalibration, step_rng
 
 DEFAULT_D_MIN = 0.025
 
@@ -56,7 +57,7 @@ class LCSPoint(Peer):
 
     Parameters
     ----------
-    model : minidress.layers.Sequential, usually pre-trained dense
+    model : minidress.nn.layers.Sequential, usually pre-trained dense
     d_min : float in (0, 1), the sparsest trained density (default 0.025)
     warmup_steps : int >= 0, dense steps before the random densities start
     dense_first_last : bool, keep the first layer and the classifier dense (as DRESS)
@@ -73,12 +74,12 @@ class LCSPoint(Peer):
 
     def __init__(self, model, d_min=DEFAULT_D_MIN, warmup_steps=0, dense_first_last=True, seed=0):
         self.d_min = check_d_min(d_min)
-        self.warmup_steps = check_count(warmup_steps, "warmup_steps")
+        self.warmup_steps = check_int(warmup_steps, "warmup_steps")
         self.seed = check_seed(seed)
         self.dense_first_last = bool(dense_first_last)
         self.model = self.net = model
         self.layers = sparsifiable_layers(model, self.dense_first_last)
-        self.batchnorms = shared_batchnorms(model)
+        self.batchnorms = batchnorms_of(model)
         self._start_counter()
         self.density = 1.0
 

@@ -51,11 +51,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..layers import Conv2d, Flatten, Linear
-from ..losses import log_softmax, softmax_cross_entropy
+from ..nn.layers import Conv2d, Flatten, Linear, eval_mode
+from ..nn.losses import log_softmax, softmax_cross_entropy
 from ..masks import check_density, n_kept
-from ..metrics import macs
-from .common import Peer, check_count, check_seed, forget_recalibration, shared_batchnorms, step_rng
+from ..nn.metrics import macs
+from ..validate import check_int
+from .common import Peer, batchnorms_of, check_seed, forget_recalibration, step_rng
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,7 +109,7 @@ class WidthPlan:
 
     Parameters
     ----------
-    model : minidress.layers.Layer
+    model : minidress.nn.layers.Layer
     input_shape : tuple, one sample's shape (``(C, H, W)`` or ``(features,)``)
 
     One eval-mode forward pass on zeros tells each ``Flatten`` the shape it flattens, so that a
@@ -121,12 +122,8 @@ class WidthPlan:
     def __init__(self, model, input_shape):
         self.model, self.input_shape = model, tuple(input_shape)
         w0 = next(iter(model.parameters().values()))
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             model.forward(np.zeros((1, *self.input_shape), w0.dtype))
-        finally:
-            model.train(was_training)
         self.layers, group = [], 1           # (layer, columns per input unit)
         for _, layer in model.named_layers():
             if isinstance(layer, Flatten):
@@ -203,7 +200,7 @@ class USNet(Peer):
 
     Parameters
     ----------
-    model : minidress.layers.Sequential, usually pre-trained dense
+    model : minidress.nn.layers.Sequential, usually pre-trained dense
     input_shape : tuple, one sample's shape
     width_min : float in (0, 1], the narrowest trained width (default 0.25)
     n_per_step : int >= 2, widths trained per step (sandwich rule: widest, narrowest, and
@@ -223,10 +220,10 @@ class USNet(Peer):
 
     def __init__(self, model, input_shape, width_min=0.25, n_per_step=4, distill=True, seed=0):
         self.width_min = check_density(width_min, "width_min")
-        self.n_per_step = check_count(n_per_step, "n_per_step", minimum=2)
+        self.n_per_step = check_int(n_per_step, "n_per_step", 2)
         self.distill, self.seed = bool(distill), check_seed(seed)
         self.model = self.net = model
-        self.batchnorms = shared_batchnorms(model)
+        self.batchnorms = batchnorms_of(model)
         self.plan = WidthPlan(model, input_shape)
         self.passes_per_step = self.n_per_step
         self._start_counter()

@@ -10,22 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..layers import receptive_fields
+from ..im2col import im2col_cnhw
 from .rowsparse import rowsparse_matmul, rowsparse_matmul_reference
-
-
-def im2col_cnhw(x, kh, kw, stride=1, padding=0):
-    """Unfold every receptive field of ``x [C, N, H, W]`` into a column.
-
-    Returns
-    -------
-    cols : ndarray [C*kh*kw, N*Ho*Wo], C-contiguous
-    (Ho, Wo) : output height and width
-    """
-    c, n = x.shape[:2]
-    win, (ho, wo) = receptive_fields(x, kh, kw, stride, padding)
-    cols = np.ascontiguousarray(win.transpose(0, 4, 5, 1, 2, 3)).reshape(c * kh * kw, n * ho * wo)
-    return cols, (ho, wo)
 
 
 def _conv(product, values, cols, k, x, kh, kw, stride, padding):

@@ -27,7 +27,7 @@ x      : [in_features]            (``rowsparse_matvec``)
 xt     : [in_features, batch]     (``rowsparse_matmul``), C-contiguous
 
 The public functions check their arguments (shapes, dtypes, index range) and then call the
-compiled loops; ``minidress.runtime`` validates a store once, at load, and then calls them with
+compiled loops; ``minidress.deploy.runtime`` validates a store once, at load, and then calls them with
 ``check=False``.
 """
 from __future__ import annotations
@@ -42,6 +42,15 @@ PARALLEL_MIN_WORK = 1 << 14
 # Column blocks of the batched product (see rowsparse_matmul). For a 64x576 conv on 16384
 # columns, 4 MiB blocks (1820 columns) halved the time against one block of 37 MiB.
 BLOCK_BYTES = 1 << 22
+
+
+def index_dtype(row_len: int) -> np.dtype:
+    """The narrowest unsigned integer type that holds every column index of a row."""
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if row_len - 1 <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    return np.dtype(np.uint64)
+
 
 
 # ---------------------------------------------------------------------------------------------

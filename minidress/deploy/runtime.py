@@ -1,6 +1,6 @@
 """A deployed DRESS model: one store, every density, switched in constant time.
 
-``DeployedModel.from_store(store)`` turns a ``minidress.store.Store`` into an inference-only
+``DeployedModel.from_store(store)`` turns a ``minidress.deploy.store.Store`` into an inference-only
 network. Its sparsified layers read the store's ``values``/``cols`` arrays themselves (no copy),
 through the Numba row-sparse kernels; everything else is dense NumPy. ``set_density(d)``
 changes one integer per sparsified layer (the prefix length ``n_kept(d, row_len)``) and one
@@ -12,7 +12,7 @@ Activations stay **feature-major** from input to logits: ``[features, batch]`` f
 in and once on the way out.
 
 Batch norm runs in eval mode, folded into a per-level ``scale, shift`` pair. A density between
-trained levels uses the slot of the nearest level (ties: the denser), as ``Dress.use`` does.
+trained levels uses the slot of the nearest level (ties: the denser), the rule ``Dress.use`` follows (``minidress.masks.nearest_level``).
 
 For comparison the same network runs on two other backends, which must rebuild every sparsified
 layer to switch: ``"dense"`` (a masked dense matrix, BLAS) and ``"csr"`` (scipy CSR).
@@ -28,10 +28,12 @@ import time
 
 import numpy as np
 
-from .kernels import im2col_cnhw, rowsparse_matmul, rowsparse_matvec
-from .layers import (AvgPool2d, BatchNorm, Conv2d, Flatten, GlobalAvgPool, LevelBatchNorm, Linear,
-                     MaxPool2d, PreActBlock, ReLU, Sequential, avgpool_forward, maxpool_forward)
-from .masks import check_density, n_kept
+from ..im2col import im2col_cnhw
+from ..kernels import rowsparse_matmul, rowsparse_matvec
+from ..masks import check_density, n_kept, nearest_level
+from ..nn.layers import (AvgPool2d, BatchNorm, Conv2d, Flatten, GlobalAvgPool, Linear, MaxPool2d,
+                         PreActBlock, ReLU, Sequential, avgpool_forward, fold_batchnorm, maxpool_forward)
+from ..nn.models import build_model
 
 
 BACKENDS = ("rowsparse", "dense", "csr")
@@ -69,7 +71,7 @@ class _Product:
         if self.backend == "dense":
             self.w = self.sparse.dense(k).reshape(self.rows, -1)
         elif self.backend == "csr":
-            import scipy.sparse
+            import scipy.sparse    # only this baseline backend needs scipy
             self.w = scipy.sparse.csr_matrix(self.sparse.dense(k).reshape(self.rows, -1))
 
     def __call__(self, x):
@@ -98,23 +100,18 @@ class _ConvOp:
 
 
 class _BatchNormOp:
-    """Eval-mode batch norm folded into ``y = x * scale[slot] + shift[slot]`` over axis 0."""
+    """Eval-mode batch norm folded into ``y = x * scale[slot] + shift[slot]`` over axis 0, one
+    pair per trained level (``minidress.nn.layers.fold_batchnorm``)."""
 
     def __init__(self, store, name, layer):
-        g, b = store.dense[f"{name}.weight"], store.dense[f"{name}.bias"]
-        m, v = store.dense[f"{name}.running_mean"], store.dense[f"{name}.running_var"]
-        if g.ndim == 1:                        # a plain BatchNorm: one slot
-            g, b, m, v = g[None], b[None], m[None], v[None]
-        slots = max(len(g), len(m))
-        pick = lambda a, s: a[s if len(a) > 1 else 0]
-        self.scale = np.stack([pick(g, s) / np.sqrt(pick(v, s) + layer.eps) for s in range(slots)])
-        self.shift = np.stack([pick(b, s) - pick(m, s) * self.scale[s] for s in range(slots)])
+        arrays = [store.dense[f"{name}.{k}"] for k in ("weight", "bias", "running_mean", "running_var")]
+        folded = [fold_batchnorm(*arrays, layer.eps, slot) for slot in range(len(store.levels))]
+        self.scale, self.shift = np.stack([f[0] for f in folded]), np.stack([f[1] for f in folded])
         self.slot = 0
 
     def __call__(self, x):
-        s = self.slot if len(self.scale) > 1 else 0
         shape = (-1,) + (1,) * (x.ndim - 1)
-        return x * self.scale[s].reshape(shape) + self.shift[s].reshape(shape)
+        return x * self.scale[self.slot].reshape(shape) + self.shift[self.slot].reshape(shape)
 
 
 class _Chain:
@@ -147,7 +144,7 @@ class DeployedModel:
 
     Attributes
     ----------
-    store : minidress.store.Store
+    store : minidress.deploy.store.Store
     density : float, the density in use
     input_shape : tuple, one sample's shape (``(C, H, W)``)
     """
@@ -171,8 +168,7 @@ class DeployedModel:
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        from .experiment import build_dress
-        skeleton = build_dress(store.meta["model"], store.meta["config"], store.dtype).model
+        skeleton = build_model(store.meta["model"], dtype=store.dtype)
         products, batchnorms = [], []
 
         def compile_layer(layer, name):
@@ -181,7 +177,7 @@ class DeployedModel:
             if isinstance(layer, (Linear, Conv2d)):
                 products.append(_Product(store, name.rstrip("."), backend))
                 return products[-1] if isinstance(layer, Linear) else _ConvOp(products[-1], layer)
-            if isinstance(layer, (LevelBatchNorm, BatchNorm)):
+            if isinstance(layer, BatchNorm):
                 batchnorms.append(_BatchNormOp(store, name.rstrip("."), layer))
                 return batchnorms[-1]
             if isinstance(layer, PreActBlock):
@@ -226,8 +222,7 @@ class DeployedModel:
         if self.store.order == "level_major" and d not in levels:
             raise ValueError(f"density {d} is not a trained level {list(levels)}; a level-major "
                              f"store is exact only at its levels (use order='rank' for any density)")
-        slot = min(range(len(levels)), key=lambda i: (abs(levels[i] - d), -levels[i]))
-        return d, slot, tuple(n_kept(d, p.row_len) for p in self._sparse)
+        return d, nearest_level(levels, d), tuple(n_kept(d, p.row_len) for p in self._sparse)
 
     # -- inference ---------------------------------------------------------------------------------
     def predict(self, x, batch_size=1024) -> np.ndarray:

@@ -1,12 +1,13 @@
-"""Small models built from ``minidress.layers``: an MLP, a LeNet-5-style CNN and a tiny
+"""Small models built from ``minidress.nn.layers``: an MLP, a LeNet-5-style CNN and a tiny
 pre-activation ResNet. Every builder takes ``seed`` (or ``rng``) and ``dtype``, so the same seed
 gives the same initial weights, bit for bit."""
 from __future__ import annotations
 
 import numpy as np
 
+from ..im2col import conv_output_size
 from .layers import (BatchNorm, Conv2d, Flatten, GlobalAvgPool, Linear, MaxPool2d, PreActBlock,
-                     ReLU, Sequential, conv_output_size)
+                     ReLU, Sequential)
 
 
 def _rng(seed, rng):
@@ -109,15 +110,44 @@ def preact_resnet(input_shape=(1, 28, 28), n_classes=10, widths=(16, 32, 64), bl
 MODELS = ("mlp", "lenet5", "cnn", "resnet")
 
 
-def build_model(name, input_shape, n_classes, seed=0, dtype=np.float32, hidden=(300, 100)):
-    """Build a model by name, one of ``MODELS``: ``mlp`` (hidden widths ``hidden``), ``lenet5``,
-    ``cnn`` (``small_cnn``) or ``resnet`` (``preact_resnet``)."""
+def _layer_from_spec(layer, rng, dtype):
+    kind = layer["type"]
+    if kind == "linear":
+        return Linear(layer["in"], layer["out"], rng, dtype)
+    if kind == "conv2d":
+        return Conv2d(layer["in_channels"], layer["out_channels"], layer["kernel_size"],
+                      layer["stride"], layer["padding"], rng, dtype)
+    if kind in ("relu", "flatten"):
+        return ReLU() if kind == "relu" else Flatten()
+    raise ValueError(f"layer type must be linear, conv2d, relu or flatten, got {kind!r}")
+
+
+def build_model(spec, seed=0, dtype=np.float32, rng=None):
+    """Build a model from its spec, the ``model`` metadata of every checkpoint and store.
+
+    Parameters
+    ----------
+    spec : dict, one of
+        * ``{"name": one of MODELS, "input_shape": [C, H, W], "n_classes": int, "hidden": [int, ...]}``:
+          ``mlp`` (hidden widths ``hidden``), ``lenet5``, ``cnn`` (``small_cnn``) or ``resnet``
+          (``preact_resnet``);
+        * ``{"layers": [{"type": "linear", "in": int, "out": int}, {"type": "conv2d",
+          "in_channels": int, "out_channels": int, "kernel_size": int, "stride": int,
+          "padding": int}, {"type": "relu"}, {"type": "flatten"}, ...]}``: a ``Sequential`` of
+          those layers (the golden file's networks; see ``docs/golden-format.md``).
+    seed, rng : the initial weights come from ``rng`` if given, else ``default_rng(seed)``
+    dtype : float32 (default) or float64
+    """
+    rng = _rng(seed, rng)
+    if "layers" in spec:
+        return Sequential(*(_layer_from_spec(layer, rng, dtype) for layer in spec["layers"]))
+    name, shape, n = spec["name"], tuple(spec["input_shape"]), spec["n_classes"]
     if name == "mlp":
-        return mlp([int(np.prod(input_shape)), *hidden, n_classes], seed=seed, dtype=dtype)
+        return mlp([int(np.prod(shape)), *spec.get("hidden", (300, 100)), n], rng=rng, dtype=dtype)
     if name == "lenet5":
-        return lenet5(input_shape, n_classes, seed=seed, dtype=dtype)
+        return lenet5(shape, n, rng=rng, dtype=dtype)
     if name == "cnn":
-        return small_cnn(input_shape, n_classes, seed=seed, dtype=dtype)
+        return small_cnn(shape, n, rng=rng, dtype=dtype)
     if name == "resnet":
-        return preact_resnet(input_shape, n_classes, seed=seed, dtype=dtype)
+        return preact_resnet(shape, n, rng=rng, dtype=dtype)
     raise ValueError(f"model must be one of {MODELS}; got {name!r}")

@@ -2,7 +2,7 @@
 drains, other work loads the device), and the model picks its density per request.
 
 ``budget_trace`` makes a seeded trace of budgets; ``serve`` answers every request with a
-``minidress.runtime.DeployedModel`` and records, per request, the density used, the time spent
+``minidress.deploy.runtime.DeployedModel`` and records, per request, the density used, the time spent
 switching, the total latency, whether the deadline was missed and whether the answer was right.
 Policies: ``"adaptive"`` (the densest profiled density that fits the budget, switching whenever
 that changes) and ``"fixed"`` (one density throughout, never switching).

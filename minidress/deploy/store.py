@@ -21,7 +21,7 @@ Two orderings of a row's entries (``order=``):
   two ran at the same speed here and only rank order serves every density.
 
 File format (``save``/``load``): a minidress archive (``minidress.checkpoint.write_archive``:
-versioned ``.npz``, JSON metadata, sha256, written atomically) of kind ``minidress.store``.
+versioned ``.npz``, JSON metadata, sha256, written atomically) of kind ``minidress.deploy.store``.
 Arrays ``sparse/<layer>/values``, ``sparse/<layer>/cols``, ``sparse/<layer>/prefix`` and
 ``dense/<name>``; ``load`` checks shapes, dtypes, index ranges, distinct columns per row and the
 prefix lengths, and raises ``ArchiveError`` (a ``ValueError``) naming the file and the array.
@@ -32,11 +32,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .checkpoint import ArchiveError, read_archive, write_archive
-from .masks import check_density, n_kept
-from .metrics import index_dtype
+from ..checkpoint import ArchiveError, read_archive, write_archive
+from ..kernels import index_dtype
+from ..masks import check_density, n_kept
+from ..nn.layers import BatchNorm, Conv2d, Linear
+from ..nn.models import build_model
 
-STORE_KIND = "minidress.store"
+STORE_KIND = "minidress.deploy.store"
 STORE_VERSION = 1
 ORDERS = ("rank", "level_major")
 
@@ -123,7 +125,7 @@ class Store:
     @classmethod
     def from_dress(cls, dress, order="rank", meta=None) -> "Store":
         """Pack a (trained) ``minidress.dress.Dress`` model. ``meta`` should hold the ``model`` spec
-        and ``config`` a checkpoint holds (``minidress.experiment.build_dress`` reads them)."""
+        and ``config`` a checkpoint holds (``minidress.dress.Dress.from_store`` reads them)."""
         sparse = {}
         for name, layer in dress.layers.items():
             ranks = layer.buffers["ranks"]
@@ -204,19 +206,14 @@ class Store:
         except ArchiveError as e:
             raise ArchiveError(f"{path}: {e}") from None
 
-    def to_dress(self):
-        """Rebuild the DRESS model (``minidress.dress.Dress``) this store was packed from. The
-        sparsified weights hold the stored entries (zero elsewhere); with rank order the ranks
-        of the stored entries are exact, so every density evaluates as before packing."""
-        from .experiment import build_dress
-        dress = build_dress(self.meta["model"], self.meta["config"], self.dtype)
-        state = dict(self.dense)
+    def sparse_state(self) -> dict:
+        """The sparsified layers as model state: ``<layer>.weight`` (the stored entries, zero
+        elsewhere) and ``<layer>.ranks`` (whose prefixes are the stored ones); with rank order the
+        ranks of the stored entries are exact. ``minidress.dress.Dress.from_store`` loads them."""
+        out = {}
         for name, rs in self.sparse.items():
-            state[f"{name}.weight"] = rs.dense()
-            state[f"{name}.ranks"] = _ranks_from_order(rs)
-        state["dress_step"] = dress.model.buffers["dress_step"]
-        dress.load_state(state)
-        return dress
+            out[f"{name}.weight"], out[f"{name}.ranks"] = rs.dense(), _ranks_from_order(rs)
+        return out
 
 
 def _dense_state(dress) -> dict:
@@ -295,24 +292,32 @@ def _validated(arrays: dict, meta: dict) -> Store:
 
 
 def _check_against_model(store, fail):
-    """The dense arrays must be exactly what the model described by the metadata holds."""
-    from .experiment import build_dress
+    """The arrays must be exactly what the model described by the metadata holds: its sparsified
+    Linear/Conv2d weights row-sparse, every other parameter and buffer dense, and a batch norm's
+    arrays with a leading slot axis (one slot per level, or one shared)."""
     try:
-        dress = build_dress(store.meta["model"], store.meta["config"], next(iter(store.sparse.values())).values.dtype)
+        model = build_model(store.meta["model"], dtype=store.dtype)
     except (KeyError, TypeError, ValueError) as e:
         fail(f"metadata does not describe a model minidress can build: {e!r}")
-    if set(dress.layers) != set(store.sparse):
-        fail(f"sparse layers {sorted(store.sparse)} differ from the model's {sorted(dress.layers)}")
-    for name, layer in dress.layers.items():
-        if tuple(layer.params["weight"].shape) != store.sparse[name].shape:
+    layers = dict((name.rstrip("."), layer) for name, layer in model.named_layers())
+    for name, rs in store.sparse.items():
+        layer = layers.get(name)
+        if not isinstance(layer, (Linear, Conv2d)):
+            fail(f"sparse layer {name!r} is not a Linear or Conv2d layer of the model")
+        if tuple(layer.params["weight"].shape) != rs.shape:
             fail(f"layer {name} has weight shape {layer.params['weight'].shape} in the model, "
-                 f"{store.sparse[name].shape} in the store")
-    want = _dense_state(dress)
+                 f"{rs.shape} in the store")
+    sparse_weights = {f"{name}.weight" for name in store.sparse}
+    want = {k: v for k, v in model.state().items() if k not in sparse_weights}
     if set(want) != set(store.dense):
         fail(f"dense arrays differ from the model's: missing {sorted(set(want) - set(store.dense))}, "
              f"unexpected {sorted(set(store.dense) - set(want))}")
+    slotted = {f"{p}{k}" for p, layer in model.named_layers() if isinstance(layer, BatchNorm)
+               for k in ("weight", "bias", "running_mean", "running_var")}
+    if set(store.per_level) != slotted:
+        fail(f"per_level must name the batch-norm arrays {sorted(slotted)}, got {sorted(store.per_level)}")
     for k, v in want.items():
-        if store.dense[k].shape != v.shape or store.dense[k].dtype != v.dtype:
-            fail(f"dense/{k} has shape {store.dense[k].shape} {store.dense[k].dtype}, the model needs {v.shape} {v.dtype}")
-    if not set(store.per_level) <= set(store.dense):
-        fail("per_level names arrays that are not in the store")
+        shapes = [(n, *v.shape) for n in sorted({1, len(store.levels)})] if k in slotted else [v.shape]
+        if store.dense[k].shape not in shapes or store.dense[k].dtype != v.dtype:
+            fail(f"dense/{k} has shape {store.dense[k].shape} {store.dense[k].dtype}, the model "
+                 f"needs {' or '.join(map(str, shapes))} {v.dtype}")

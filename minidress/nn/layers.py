@@ -21,8 +21,12 @@ Conventions
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
+
+from ..im2col import col2im, conv_output_size, im2col, receptive_fields
+from ..kernels import rowsparse_matmul, rowsparse_matmul_grads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,6 +87,11 @@ class Layer:
             raise ValueError(f"state does not match the model: missing {missing}, unexpected {unexpected}")
         for name, arr in own.items():
             new = np.asarray(state[name])
+            if new.shape == (1, *arr.shape) and new.dtype == arr.dtype:
+                raise ValueError(f"state[{name!r}] has shape {new.shape}, expected {arr.shape}: a "
+                                 f"checkpoint (format 1) of an any-time peer written by minidress "
+                                 f"before the one BatchNorm class, whose batch norms kept a one-slot "
+                                 f"axis; convert it with state[{name!r}] = state[{name!r}][0]")
             if new.shape != arr.shape or new.dtype != arr.dtype:
                 raise ValueError(f"state[{name!r}] has shape {new.shape} and dtype {new.dtype}, "
                                  f"expected {arr.shape} and {arr.dtype}")
@@ -104,6 +113,17 @@ class Layer:
 
     def eval(self) -> "Layer":
         return self.train(False)
+
+
+@contextmanager
+def eval_mode(model):
+    """Run a block with ``model`` in eval mode, then restore the mode it had."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def _check_input(x, name: str, ndim: int, dim1: int | None, dtype) -> None:
@@ -168,7 +188,6 @@ def rowsparse_linear_forward(x, w, kept, b):
     out : ndarray [N, out] (column-major: ``out.T`` is the kernel's contiguous output)
     cache : for ``rowsparse_linear_backward``
     """
-    from .kernels import rowsparse_matmul
     values = np.take_along_axis(w, kept.astype(np.intp), axis=1)
     xt = np.ascontiguousarray(x.T)           # free when x came from a layer like this one
     yt = rowsparse_matmul(values, kept, kept.shape[1], xt, check=False)
@@ -178,7 +197,6 @@ def rowsparse_linear_forward(x, w, kept, b):
 def rowsparse_linear_backward(dout, cache):
     """Gradients of ``rowsparse_linear_forward``: ``dx [N, in], dw [out, in]`` (zero outside the
     kept entries, whose gradients alone are computed), ``db [out]``."""
-    from .kernels import rowsparse_matmul_grads
     xt, values, kept, shape = cache
     dxt, dvalues = rowsparse_matmul_grads(values, kept, kept.shape[1], xt,
                                           np.ascontiguousarray(dout.T), check=False)
@@ -216,20 +234,23 @@ class Linear(Layer):
         w = self.params["weight"]
         _check_input(x, "Linear", 2, self.in_features, w.dtype)
         b = self.params.get("bias", np.zeros((), w.dtype))
-        self.rowsparse = self.kept is not None
-        if self.rowsparse:
-            out, self.cache = rowsparse_linear_forward(x, w, self.kept, b)
+        # The path taken is recorded in the cache (as CS231n's fast layers do), so backward
+        # follows forward even if ``kept`` changes in between.
+        if self.kept is not None:
+            out, cache = rowsparse_linear_forward(x, w, self.kept, b)
+            self.cache = ("rowsparse", cache)
         else:
-            out, self.cache = linear_forward(x, _masked(w, self.mask), b)
+            out, cache = linear_forward(x, _masked(w, self.mask), b)
+            self.cache = ("dense", cache, self.mask)
         return out
 
     def backward(self, dout):
-        if self.rowsparse:
-            dx, dw, db = rowsparse_linear_backward(dout, self.cache)
+        if self.cache[0] == "rowsparse":
+            dx, dw, db = rowsparse_linear_backward(dout, self.cache[1])
             self.grads["weight"] = dw
         else:
-            dx, dw, db = linear_backward(dout, self.cache)
-            self.grads["weight"] = _masked(dw, self.mask)
+            dx, dw, db = linear_backward(dout, self.cache[1])
+            self.grads["weight"] = _masked(dw, self.cache[2])
         if "bias" in self.params:
             self.grads["bias"] = db
         return dx
@@ -241,60 +262,6 @@ class Linear(Layer):
 # ---------------------------------------------------------------------------------------------
 # Conv2d through im2col
 # ---------------------------------------------------------------------------------------------
-
-def conv_output_size(size: int, k: int, stride: int, padding: int) -> int:
-    out = (size + 2 * padding - k) // stride + 1
-    if out < 1:
-        raise ValueError(f"kernel {k} with stride {stride} and padding {padding} does not fit "
-                         f"an input of size {size}")
-    return out
-
-
-def receptive_fields(x, kh, kw, stride=1, padding=0):
-    """Every ``kh x kw`` window of the last two axes of ``x [A, B, H, W]`` after zero padding,
-    as a view ``[A, B, Ho, Wo, kh, kw]``; also returns ``(Ho, Wo)``. The layout of the first two
-    axes is the caller's: ``[N, C]`` for ``im2col``, ``[C, N]`` for the feature-major kernels."""
-    h, w = x.shape[2:]
-    ho, wo = conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)
-    if padding:
-        x = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    win = sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::stride, ::stride][:, :, :ho, :wo]
-    return win, (ho, wo)
-
-
-def im2col(x, kh, kw, stride=1, padding=0):
-    """Unfold every receptive field of ``x`` into one row.
-
-    Parameters
-    ----------
-    x : ndarray [N, C, H, W]
-
-    Returns
-    -------
-    cols : ndarray [N*Ho*Wo, C*kh*kw]
-        Columns ordered (c, i, j), the same order as ``weight.reshape(C_out, -1)``, so one
-        weight row meets one receptive field.
-    (Ho, Wo) : output height and width
-    """
-    n, c = x.shape[:2]
-    win, (ho, wo) = receptive_fields(x, kh, kw, stride, padding)
-    cols = win.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
-    return cols, (ho, wo)
-
-
-def col2im(dcols, x_shape, kh, kw, stride=1, padding=0):
-    """Adjoint of ``im2col``: add every row of ``dcols [N*Ho*Wo, C*kh*kw]`` back into
-    ``dx [N, C, H, W]`` (overlapping windows add up)."""
-    n, c, h, w = x_shape
-    ho, wo = conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)
-    d = dcols.reshape(n, ho, wo, c, kh, kw).transpose(0, 3, 4, 5, 1, 2)  # [N, C, kh, kw, Ho, Wo]
-    dxp = np.zeros((n, c, h + 2 * padding, w + 2 * padding), dcols.dtype)
-    # One strided add per kernel offset: kh*kw vectorised adds instead of N*Ho*Wo small ones.
-    for i in range(kh):
-        for j in range(kw):
-            dxp[:, :, i:i + stride * ho:stride, j:j + stride * wo:stride] += d[:, :, i, j]
-    return dxp[:, :, padding:padding + h, padding:padding + w] if padding else dxp
-
 
 def conv2d_forward(x, w, b, stride=1, padding=0):
     """2-D convolution (cross-correlation, as in every DL library) via im2col and one GEMM.
@@ -378,6 +345,7 @@ class Conv2d(Layer):
         _check_input(x, "Conv2d", 4, self.in_channels, w.dtype)
         b = self.params.get("bias", np.zeros((), w.dtype))
         out, self.cache = conv2d_forward(x, _masked(w, self.mask), b, self.stride, self.padding)
+        self.output_hw = out.shape[2:]          # (Ho, Wo) of the last input, for counting MACs
         return out
 
     def backward(self, dout):
@@ -434,8 +402,7 @@ class Flatten(Layer):
 
 def _windows(x, k, stride):
     """``[N, C, H, W]`` -> read-only view ``[N, C, Ho, Wo, k, k]`` of the pooling windows."""
-    ho, wo = conv_output_size(x.shape[2], k, stride, 0), conv_output_size(x.shape[3], k, stride, 0)
-    return sliding_window_view(x, (k, k), axis=(2, 3))[:, :, ::stride, ::stride][:, :, :ho, :wo]
+    return receptive_fields(x, k, k, stride)[0]
 
 
 def _scatter_windows(dwin, x_shape, k, stride):
@@ -571,7 +538,7 @@ def batchnorm_backward(dout, cache):
 
 def _batchnorm_step(layer, x, gamma, beta, running_mean, running_var, override=None):
     """Forward of a batch-norm layer in its current mode; updates the running statistics (in
-    place) in training mode. Shared by ``BatchNorm`` and ``LevelBatchNorm``."""
+    place) in training mode."""
     name = type(layer).__name__
     if x.ndim not in (2, 4):
         raise ValueError(f"{name} expects [N, F] or [N, C, H, W] input, got shape {x.shape}")
@@ -593,6 +560,22 @@ def _batchnorm_step(layer, x, gamma, beta, running_mean, running_var, override=N
     return out, cache
 
 
+def in_slot(arr, slot):
+    """The slot rule: row ``slot`` of a per-slot array ``[n_slots, F]``; the only row of a shared
+    one (``[1, F]``, or ``[F]`` in a layer without slots)."""
+    return arr if arr.ndim == 1 else arr[slot if len(arr) > 1 else 0]
+
+
+def fold_batchnorm(weight, bias, running_mean, running_var, eps, slot=0):
+    """Eval-mode batch norm at ``slot`` as one affine map, ``y = x * scale + shift``.
+
+    Returns ``(scale [F], shift [F])``: ``scale = weight / sqrt(var + eps)``,
+    ``shift = bias - mean * scale`` (arrays ``[F]`` or ``[n_slots, F]``, see ``in_slot``).
+    """
+    scale = in_slot(weight, slot) / np.sqrt(in_slot(running_var, slot) + eps)
+    return scale, in_slot(bias, slot) - in_slot(running_mean, slot) * scale
+
+
 class BatchNorm(Layer):
     """Batch normalisation for ``[N, F]`` (1-D) and ``[N, C, H, W]`` (2-D) input.
 
@@ -606,6 +589,19 @@ class BatchNorm(Layer):
     momentum : float
     eps : float
     dtype : float32 (default) or float64
+
+    Slots
+    -----
+    Sub-networks that share the surrounding weights (DRESS levels, for instance) see differently
+    distributed activations, so each may want statistics and affine parameters of its own. A
+    layer starts with one slot and arrays ``[F]``; ``set_slots(n, ...)`` gives it ``n``, after
+    which ``params["weight"], params["bias"]`` are ``[n_affine, F]`` and the buffers
+    ``running_mean, running_var`` are ``[n_stats, F]`` (``n`` where per slot, 1 where shared).
+    ``slot`` selects the one in use (``in_slot``). A backward pass in slot ``s`` writes only row
+    ``s`` of a per-slot gradient, so gradients summed over slots train each row by its own slot.
+
+    ``stats_override``: ``(mean [F], var [F])`` used in eval mode instead of the running
+    statistics (batch-norm recalibration sets it for a density that was not trained); None = off.
     """
 
     def __init__(self, num_features, momentum=0.1, eps=1e-5, dtype=np.float32):
@@ -615,18 +611,51 @@ class BatchNorm(Layer):
         self.params["bias"] = np.zeros(num_features, dtype)
         self.buffers["running_mean"] = np.zeros(num_features, dtype)
         self.buffers["running_var"] = np.ones(num_features, dtype)
+        self.n_slots, self.slot, self.stats_override = 1, 0, None
+
+    def set_slots(self, n_slots, per_slot_stats=True, per_slot_affine=True):
+        """Give the layer ``n_slots`` slots, each starting from its current parameters and
+        statistics; per slot or shared, for the statistics and the affine pair separately."""
+        layout = {"weight": per_slot_affine, "bias": per_slot_affine,
+                  "running_mean": per_slot_stats, "running_var": per_slot_stats}
+        arrays = {**self.params, **self.buffers}
+        want = {k: (n_slots if per else 1, self.num_features) for k, per in layout.items()}
+        if all(arrays[k].shape == want[k] for k in want) and self.n_slots == n_slots:
+            return self                                    # already laid out this way
+        if self.n_slots != 1 or arrays["weight"].ndim != 1:
+            raise ValueError(f"{self!r} already has slots; set_slots expects a layer without slots")
+        for d in (self.params, self.buffers):
+            for k in d:
+                d[k] = np.repeat(d[k][None], want[k][0], axis=0)
+        self.n_slots, self.grads = n_slots, {}
+        return self
 
     def forward(self, x):
-        out, self.cache = _batchnorm_step(self, x, self.params["weight"], self.params["bias"],
-                                          self.buffers["running_mean"], self.buffers["running_var"])
+        if not 0 <= self.slot < self.n_slots:
+            raise ValueError(f"slot must be in [0, {self.n_slots}), got {self.slot}")
+        p, b = self.params, self.buffers
+        out, self.cache = _batchnorm_step(self, x, in_slot(p["weight"], self.slot), in_slot(p["bias"], self.slot),
+                                          in_slot(b["running_mean"], self.slot),
+                                          in_slot(b["running_var"], self.slot), self.stats_override)
+        self._slot_used = self.slot
         return out
 
     def backward(self, dout):
-        dx, self.grads["weight"], self.grads["bias"] = batchnorm_backward(dout, self.cache)
+        dx, dgamma, dbeta = batchnorm_backward(dout, self.cache)
+        for name, g in (("weight", dgamma), ("bias", dbeta)):
+            p = self.params[name]
+            if p.ndim == 1:
+                self.grads[name] = g
+            else:                   # only the slot in use gets a gradient
+                self.grads[name] = np.zeros_like(p)
+                in_slot(self.grads[name], self._slot_used)[...] = g
         return dx
 
     def __repr__(self):
-        return f"BatchNorm({self.num_features})"
+        if self.n_slots == 1 and self.params["weight"].ndim == 1:
+            return f"BatchNorm({self.num_features})"
+        return (f"BatchNorm({self.num_features}, slots={self.n_slots}, "
+                f"stats={self.buffers['running_mean'].shape[0]}, affine={self.params['weight'].shape[0]})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -705,76 +734,3 @@ class PreActBlock(Layer):
 
     def __repr__(self):
         return f"PreActBlock({self.conv1.in_channels}, {self.conv1.out_channels}, s={self.conv1.stride})"
-
-
-class LevelBatchNorm(Layer):
-    """Batch norm with separate statistics and/or affine parameters for each of ``n_levels``
-    sub-networks that share the surrounding weights (DRESS levels, slimmable widths).
-
-    A sparser sub-network sees differently distributed activations, so sharing one set of
-    running statistics across levels can hurt. ``level`` selects the slot in use.
-
-    Parameters
-    ----------
-    num_features : int
-    n_levels : int
-    per_level_stats : bool   one (running_mean, running_var) per level, else one shared set
-    per_level_affine : bool  one (weight, bias) per level, else one shared pair
-
-    Arrays: ``params["weight"], params["bias"]`` are ``[n_affine, F]`` and the buffers
-    ``running_mean, running_var`` are ``[n_stats, F]`` with ``n_affine`` (``n_stats``) equal to
-    ``n_levels`` when per level and 1 when shared. A backward pass at level ``k`` writes only row
-    ``k`` of a per-level gradient, so summing gradients over levels trains each row by its own
-    level.
-
-    ``stats_override``: ``(mean [F], var [F])`` used in eval mode instead of the running
-    statistics (set by BatchNorm recalibration for a density that was not trained); None = off.
-    """
-
-    def __init__(self, num_features, n_levels, per_level_stats=True, per_level_affine=True,
-                 momentum=0.1, eps=1e-5, dtype=np.float32):
-        super().__init__()
-        self.num_features, self.n_levels, self.momentum, self.eps = num_features, n_levels, momentum, eps
-        n_aff, n_st = (n_levels if per_level_affine else 1), (n_levels if per_level_stats else 1)
-        self.params["weight"] = np.ones((n_aff, num_features), dtype)
-        self.params["bias"] = np.zeros((n_aff, num_features), dtype)
-        self.buffers["running_mean"] = np.zeros((n_st, num_features), dtype)
-        self.buffers["running_var"] = np.ones((n_st, num_features), dtype)
-        self.level = 0
-        self.stats_override = None
-
-    @classmethod
-    def from_batchnorm(cls, bn: BatchNorm, n_levels, per_level_stats=True, per_level_affine=True):
-        """Every level starts from ``bn``'s current parameters and statistics."""
-        new = cls(bn.num_features, n_levels, per_level_stats, per_level_affine, bn.momentum, bn.eps,
-                  bn.params["weight"].dtype)
-        for d, src in ((new.params, bn.params), (new.buffers, bn.buffers)):
-            for k in d:
-                d[k][:] = src[k]
-        new.training = bn.training
-        return new
-
-    def _slot(self, arr):
-        if not 0 <= self.level < self.n_levels:
-            raise ValueError(f"level must be in [0, {self.n_levels}), got {self.level}")
-        return self.level if arr.shape[0] > 1 else 0
-
-    def forward(self, x):
-        a, s = self._slot(self.params["weight"]), self._slot(self.buffers["running_mean"])
-        out, self.cache = _batchnorm_step(self, x, self.params["weight"][a], self.params["bias"][a],
-                                          self.buffers["running_mean"][s],
-                                          self.buffers["running_var"][s], self.stats_override)
-        self._affine_slot = a
-        return out
-
-    def backward(self, dout):
-        dx, dgamma, dbeta = batchnorm_backward(dout, self.cache)
-        a = self._affine_slot
-        self.grads["weight"] = np.zeros_like(self.params["weight"])
-        self.grads["bias"] = np.zeros_like(self.params["bias"])
-        self.grads["weight"][a], self.grads["bias"][a] = dgamma, dbeta
-        return dx
-
-    def __repr__(self):
-        return (f"LevelBatchNorm({self.num_features}, levels={self.n_levels}, "
-                f"stats={self.buffers['running_mean'].shape[0]}, affine={self.params['weight'].shape[0]})")

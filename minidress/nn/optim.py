@@ -27,18 +27,7 @@ import math
 
 import numpy as np
 
-
-def _number(name, value, expected, ok) -> float:
-    """``float(value)`` if it is finite and ``ok(value)``, else a ValueError naming ``name``."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number {expected}, got {value!r}") from None
-    if not (math.isfinite(x) and ok(x)):
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-    # A Python float, never np.float64: under NumPy 2 promotion a NumPy float64 scalar would
-    # silently compute float32 updates in float64 (and break bit-exact resume).
-    return x
+from ..validate import check_number
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,7 +55,7 @@ class Optimizer:
     @lr.setter
     def lr(self, value):
         # 0 is allowed: a cosine schedule ends there.
-        self._lr = _number("lr", value, ">= 0", lambda x: x >= 0)
+        self._lr = check_number("lr", value, ">= 0", lambda x: x >= 0)
 
     # -- the step loop -------------------------------------------------------------------------
 
@@ -215,9 +204,9 @@ class SGD(Optimizer):
 
     def _configure(self, lr, momentum, nesterov, weight_decay, dampening):
         self.lr = lr
-        self.momentum = _number("momentum", momentum, "in [0, 1)", lambda x: 0 <= x < 1)
-        self.dampening = _number("dampening", dampening, "in [0, 1]", lambda x: 0 <= x <= 1)
-        self.weight_decay = _number("weight_decay", weight_decay, ">= 0", lambda x: x >= 0)
+        self.momentum = check_number("momentum", momentum, "in [0, 1)", lambda x: 0 <= x < 1)
+        self.dampening = check_number("dampening", dampening, "in [0, 1]", lambda x: 0 <= x <= 1)
+        self.weight_decay = check_number("weight_decay", weight_decay, ">= 0", lambda x: x >= 0)
         self.nesterov = bool(nesterov)
         if self.nesterov and (self.momentum == 0 or self.dampening != 0):
             raise ValueError(f"nesterov=True needs momentum > 0 and dampening == 0, got "
@@ -299,10 +288,10 @@ class Adam(Optimizer):
 
     def _configure(self, lr, beta1, beta2, eps, weight_decay, decoupled):
         self.lr = lr
-        self.beta1 = _number("betas[0]", beta1, "in [0, 1)", lambda x: 0 <= x < 1)
-        self.beta2 = _number("betas[1]", beta2, "in [0, 1)", lambda x: 0 <= x < 1)
-        self.eps = _number("eps", eps, ">= 0", lambda x: x >= 0)
-        self.weight_decay = _number("weight_decay", weight_decay, ">= 0", lambda x: x >= 0)
+        self.beta1 = check_number("betas[0]", beta1, "in [0, 1)", lambda x: 0 <= x < 1)
+        self.beta2 = check_number("betas[1]", beta2, "in [0, 1)", lambda x: 0 <= x < 1)
+        self.eps = check_number("eps", eps, ">= 0", lambda x: x >= 0)
+        self.weight_decay = check_number("weight_decay", weight_decay, ">= 0", lambda x: x >= 0)
         self.decoupled = bool(decoupled)
 
     @property
@@ -359,12 +348,12 @@ class Adam(Optimizer):
 # ---------------------------------------------------------------------------------------------
 
 def _t(t) -> float:
-    return _number("t", t, ">= 0", lambda x: x >= 0)
+    return check_number("t", t, ">= 0", lambda x: x >= 0)
 
 
 def constant(lr):
     """``lr`` at every ``t``."""
-    lr = _number("lr", lr, ">= 0", lambda x: x >= 0)
+    lr = check_number("lr", lr, ">= 0", lambda x: x >= 0)
 
     def schedule(t):
         _t(t)
@@ -374,9 +363,9 @@ def constant(lr):
 
 def step_decay(lr, step_size, gamma=0.1):
     """``lr * gamma ** (t // step_size)``, as ``torch.optim.lr_scheduler.StepLR``."""
-    lr = _number("lr", lr, ">= 0", lambda x: x >= 0)
-    step_size = _number("step_size", step_size, "> 0", lambda x: x > 0)
-    gamma = _number("gamma", gamma, "> 0", lambda x: x > 0)
+    lr = check_number("lr", lr, ">= 0", lambda x: x >= 0)
+    step_size = check_number("step_size", step_size, "> 0", lambda x: x > 0)
+    gamma = check_number("gamma", gamma, "> 0", lambda x: x > 0)
 
     def schedule(t):
         return lr * gamma ** (_t(t) // step_size)
@@ -389,9 +378,9 @@ def cosine(lr, total, min_lr=0.0):
     Same values as ``torch.optim.lr_scheduler.CosineAnnealingLR(T_max=total, eta_min=min_lr)``
     for ``0 <= t <= total`` (torch would rise again afterwards; we stay at ``min_lr``).
     """
-    lr = _number("lr", lr, ">= 0", lambda x: x >= 0)
-    total = _number("total", total, "> 0", lambda x: x > 0)
-    min_lr = _number("min_lr", min_lr, f"in [0, lr={lr}]", lambda x: 0 <= x <= lr)
+    lr = check_number("lr", lr, ">= 0", lambda x: x >= 0)
+    total = check_number("total", total, "> 0", lambda x: x > 0)
+    min_lr = check_number("min_lr", min_lr, f"in [0, lr={lr}]", lambda x: 0 <= x <= lr)
 
     def schedule(t):
         t = min(_t(t), total)
@@ -412,8 +401,8 @@ def linear_warmup(schedule, warmup, start_factor=0.0, shift=True):
     With ``shift=False``, ``t' = t``: the warm-up just scales the first steps of ``schedule``
     (handy for a step decay whose milestones count from 0).
     """
-    warmup = _number("warmup", warmup, ">= 0", lambda x: x >= 0)
-    start_factor = _number("start_factor", start_factor, "in [0, 1]", lambda x: 0 <= x <= 1)
+    warmup = check_number("warmup", warmup, ">= 0", lambda x: x >= 0)
+    start_factor = check_number("start_factor", start_factor, "in [0, 1]", lambda x: 0 <= x <= 1)
     if warmup == 0:
         return schedule
 
@@ -424,7 +413,6 @@ def linear_warmup(schedule, warmup, start_factor=0.0, shift=True):
     return warmed
 
 
-_SCHEDULES = ("constant", "step", "cosine")
 
 
 def make_schedule(name: str, lr, total, warmup=0, **kw):
@@ -444,13 +432,13 @@ def make_schedule(name: str, lr, total, warmup=0, **kw):
         ``step``: ``step_size`` (required), ``gamma``; ``cosine``: ``min_lr``; any:
         ``start_factor`` of the warm-up.
     """
-    total = _number("total", total, "> 0", lambda x: x > 0)
-    warmup = _number("warmup", warmup, f"in [0, total={total:g})", lambda x: 0 <= x < total)
+    total = check_number("total", total, "> 0", lambda x: x > 0)
+    warmup = check_number("warmup", warmup, f"in [0, total={total:g})", lambda x: 0 <= x < total)
     start_factor = kw.pop("start_factor", 0.0)
     key = str(name).strip().lower()
     allowed = {"constant": (), "step": ("step_size", "gamma"), "cosine": ("min_lr",)}
     if key not in allowed:
-        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(_SCHEDULES)}")
+        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(allowed)}")
     extra = sorted(set(kw) - set(allowed[key]))
     if extra:
         raise ValueError(f"schedule {key!r} got unexpected options {extra}; it accepts "

@@ -11,28 +11,31 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
+from dataclasses import fields
 from pathlib import Path
 
+import numpy as np
 
-from .checkpoint import load_checkpoint
-from .dress import LAMBDAS, NORMS, RAMPS, recalibrate_batchnorm
-from .experiment import RunConfig, build_dress, format_table, load_data, plot_curve, run_experiment
+
+from ..checkpoint import load_checkpoint
+from ..deploy import STORE_VERSION, DeployedModel, Store
+from ..dress import DressOptions, build_dress, recalibrate_batchnorm
+from ..fileio import atomic_write_bytes
+from ..nn.metrics import macs
+from ..nn.models import MODELS, build_model
+from ..nn.optim import SGD, Adam, make_schedule
+from ..nn.train import evaluate, steps_per_epoch
+from ..validate import check_int
+from .experiment import RunConfig, load_data, run_dense, run_experiment
 from .golden import GOLDEN_VERSION, check_golden, write_golden
-from .metrics import macs
-from .fileio import atomic_write_bytes, save_figure
-from .models import MODELS, build_model
-from .runtime import DeployedModel
-from .store import STORE_VERSION, Store
-from .optim import SGD, Adam, make_schedule
-from .train import evaluate, fit
+from .report import format_table, plot_curve, plot_history
 
 
-def _positive_int(s):
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s}")
-    return v
+def _positive_int(text):
+    try:
+        return check_int(int(text), "the value", 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}") from None
 
 
 def add_data_args(p):
@@ -58,18 +61,8 @@ def add_train_args(p):
     p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
     p.add_argument("--dense", action="store_true", help="train one dense network, no DRESS")
     g = p.add_argument_group("DRESS")
-    g.add_argument("--levels", default="1.0,0.5,0.25,0.1", help="trained densities (kept fractions)")
-    g.add_argument("--lambdas", default="uniform",
-                   help="loss weights: uniform, density, inverse_density, or one number per level")
-    g.add_argument("--resample-every", type=int, default=0, help="re-rank every N steps (0 = never)")
-    g.add_argument("--ramp", default="none", choices=RAMPS)
-    g.add_argument("--ramp-epochs", type=float, default=0.0)
-    g.add_argument("--norm", default="per_level", choices=NORMS)
-    g.add_argument("--sparsify-all", action="store_true",
-                   help="sparsify the first layer and the classifier too")
-    g.add_argument("--kernel-max-density", type=float, default=0.0,
-                   help="train the Linear layers of levels at or below this density through the "
-                        "row-sparse kernels (speed only; 0 = never)")
+    add_dress_options(g)
+    g.add_argument("--ramp-epochs", type=float, default=0.0, help="length of the cubic ramp, in epochs")
     g.add_argument("--pretrain-epochs", type=int, default=None, help="default: 10 (0 allowed)")
     g.add_argument("--finetune-lr", type=float, default=0.01, help="learning rate of the joint phase")
     g.add_argument("--no-baselines", action="store_true", help="skip single compressed and one-shot")
@@ -78,28 +71,44 @@ def add_train_args(p):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def add_dress_options(group):
+    """One flag per ``DressOptions`` field, from its metadata: name, help, default, parser."""
+    for f in fields(DressOptions):
+        cli = f.metadata
+        flag = cli.get("flag", "--" + f.name.replace("_", "-"))
+        if flag is None:
+            continue
+        if cli.get("invert"):
+            group.add_argument(flag, dest=f.name, action="store_false", help=cli["help"])
+            continue
+        default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        group.add_argument(flag, dest=f.name, default=default, choices=cli.get("choices"),
+                           help=f"{cli['help']} (default {default})")
+
+
+def dress_options(args) -> DressOptions:
+    """``DressOptions`` from the parsed flags; a value that does not parse names its flag."""
+    values = {}
+    for f in fields(DressOptions):
+        if not hasattr(args, f.name):
+            continue
+        value, parse = getattr(args, f.name), f.metadata.get("text")
+        if parse is not None and isinstance(value, str):
+            try:
+                value = parse(value)
+            except ValueError:
+                flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+                form = f.metadata.get("form", f"a {f.type}")
+                raise ValueError(f"{flag} must be {form}, got {value!r}") from None
+        values[f.name] = value
+    return DressOptions(**values)
+
+
 def make_optimizer(args):
     if args.optimizer == "adam":
         return Adam(lr=args.lr or 1e-3, weight_decay=args.weight_decay)
     return SGD(lr=args.lr or 0.05, momentum=args.momentum, nesterov=args.momentum > 0,
                weight_decay=args.weight_decay)
-
-
-def _levels(text):
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"--levels must be comma-separated numbers in (0, 1], got {text!r}") from None
-
-
-def _lambdas(text):
-    if text in LAMBDAS:
-        return text
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--lambdas must be one of {LAMBDAS} or comma-separated numbers, "
-                         f"got {text!r}") from None
 
 
 def cmd_train(args):
@@ -110,11 +119,7 @@ def cmd_train_dress(args):
     if args.resume:
         raise ValueError("--resume applies to --dense runs")
     cfg = RunConfig(dataset=args.dataset, data_dir=args.data_dir, model=args.model,
-                    hidden=tuple(int(h) for h in args.hidden.split(",") if h),
-                    levels=_levels(args.levels), lambdas=_lambdas(args.lambdas),
-                    resample_every=args.resample_every, ramp=args.ramp, ramp_epochs=args.ramp_epochs,
-                    norm=args.norm, dense_first_last=not args.sparsify_all,
-                    kernel_max_density=args.kernel_max_density,
+                    hidden=_hidden(args.hidden), dress=dress_options(args), ramp_epochs=args.ramp_epochs,
                     pretrain_epochs=10 if args.pretrain_epochs is None else args.pretrain_epochs,
                     epochs=10 if args.epochs is None else args.epochs, batch_size=args.batch_size,
                     lr=args.lr or 0.05, finetune_lr=args.finetune_lr, momentum=args.momentum,
@@ -122,10 +127,9 @@ def cmd_train_dress(args):
                     quiet=args.quiet)
     out = Path(args.out or f"runs/dress-{args.dataset}-{args.model}-seed{args.seed}")
     print(f"minidress train: DRESS on {cfg.dataset} with the {cfg.model} model, seed {cfg.seed}")
-    result = run_experiment(cfg, checkpoint_path=out / "checkpoint.npz")
-    dress = result.pop("dress")
-    del result["pretrained"]
-    Store.from_dress(dress, meta={"model": result["model"], "config": result["config"],
+    run = run_experiment(cfg, checkpoint_path=out / "checkpoint.npz")
+    result = run.metrics
+    Store.from_dress(run.dress, meta={"model": result["model"], "config": result["config"],
                                   "dataset": result["dataset"]}).save(out / "store.npz")
     atomic_write_bytes(out / "metrics.json", json.dumps(result, indent=2).encode())
     plot_curve(result, out / "accuracy_vs_density.png")
@@ -150,56 +154,28 @@ def curve_summary(result) -> str:
     return "; ".join(parts)
 
 
+def _hidden(text):
+    return tuple(int(h) for h in text.split(",") if h)
+
+
 def cmd_train_dense(args):
-    t0 = time.perf_counter()
     epochs = args.epochs if args.epochs is not None else (20 if args.dataset == "digits" else 10)
-    ds, x_train, x_test = load_data(RunConfig(dataset=args.dataset, data_dir=args.data_dir, seed=args.seed))
-    spec = {"name": args.model, "input_shape": list(x_train.shape[1:]), "n_classes": ds.n_classes,
-            "hidden": [int(h) for h in args.hidden.split(",") if h]}
-    model = build_model(spec["name"], tuple(spec["input_shape"]), spec["n_classes"], args.seed,
-                        hidden=tuple(spec["hidden"]))
+    cfg = RunConfig(dataset=args.dataset, data_dir=args.data_dir, model=args.model,
+                    hidden=_hidden(args.hidden), batch_size=args.batch_size, seed=args.seed,
+                    quiet=args.quiet)
     opt = make_optimizer(args)
-    steps = epochs * -(-len(x_train) // args.batch_size)
-    schedule = make_schedule(args.schedule, opt.lr, steps, warmup=args.warmup)
     out = Path(args.out or f"runs/dense-{args.dataset}-{args.model}-seed{args.seed}")
     config = {k: v for k, v in vars(args).items() if k != "func"} | {"epochs": epochs}
-    print(f"minidress train: {ds.summary()}")
-    print(f"model {args.model}: {sum(p.size for p in model.parameters().values()):,} parameters; "
-          f"{epochs} epochs, batch {args.batch_size}, {args.optimizer} lr {opt.lr}, {args.schedule}")
-    history = fit(model, opt, x_train, ds.y_train, x_test, ds.y_test, epochs=epochs,
-                  batch_size=args.batch_size, schedule=schedule, seed=args.seed, quiet=args.quiet,
-                  checkpoint_path=out / "checkpoint.npz", resume=args.resume,
-                  meta={"model": spec, "dataset": args.dataset, "config": config})
-    test_loss, test_acc = evaluate(model, x_test, ds.y_test)
-    metrics = {"dataset": args.dataset, "model": spec, "config": config, "history": history,
-               "test_loss": test_loss, "test_acc": test_acc,
-               "seconds": time.perf_counter() - t0}
+    print(f"{args.optimizer} lr {opt.lr}, {args.schedule} schedule")
+    metrics, _ = run_dense(cfg, opt, epochs,
+                           lambda total: make_schedule(args.schedule, opt.lr, total, warmup=args.warmup),
+                           out / "checkpoint.npz", args.resume, config)
     atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
-    plot_history(history, out / "curves.png", f"{args.dataset} / {args.model}")
-    print(f"test accuracy {test_acc:.4f} (loss {test_loss:.4f}) after {len(history)} epochs, "
-          f"{metrics['seconds']:.1f} s")
+    plot_history(metrics["history"], out / "curves.png", f"{args.dataset} / {args.model}")
+    print(f"test accuracy {metrics['test_acc']:.4f} (loss {metrics['test_loss']:.4f}) after "
+          f"{len(metrics['history'])} epochs, {metrics['seconds']:.1f} s")
     print(f"run folder: {out}/ (checkpoint.npz, metrics.json, curves.png)")
     return 0
-
-
-def plot_history(history, path, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    ep = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
-    a.plot(ep, [h["train_loss"] for h in history], label="train")
-    b.plot(ep, [h["train_acc"] for h in history], label="train")
-    if history and "val_loss" in history[0]:
-        a.plot(ep, [h["val_loss"] for h in history], label="test")
-        b.plot(ep, [h["val_acc"] for h in history], label="test")
-    a.set(xlabel="epoch", ylabel="loss", yscale="log")
-    b.set(xlabel="epoch", ylabel="accuracy")
-    for ax in (a, b):
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    save_figure(fig, path, dpi=100)
 
 
 def cmd_eval(args):
@@ -208,14 +184,13 @@ def cmd_eval(args):
     dtype = next(iter(state.values())).dtype
     is_dress = "dress_step" in state
     if is_dress:
-        dress = build_dress(spec, meta["config"], dtype)
+        dress = build_dress(spec, DressOptions.from_config(meta["config"]), dtype)
         dress.load_state(state)
         model = dress.model
     else:
         if args.density is not None or args.recalibrate:
             raise ValueError(f"{args.checkpoint} is a dense checkpoint: --density needs a DRESS run")
-        model = build_model(spec["name"], tuple(spec["input_shape"]), spec["n_classes"],
-                            hidden=tuple(spec["hidden"]), dtype=dtype)
+        model = build_model(spec, dtype=dtype)
         model.load_state(state)
     cfg = RunConfig(dataset=args.dataset or meta["dataset"], data_dir=args.data_dir,
                     seed=meta.get("seed", 0))
@@ -266,14 +241,21 @@ def cmd_golden(args):
         path = write_golden(args.out, args.seed)
         print(f"wrote {path} (format {GOLDEN_VERSION}; arrays documented in docs/golden-format.md)")
         return 0
-    diffs = check_golden(args.check)
-    width = max(map(len, diffs))
-    for name, d in diffs.items():
-        print(f"{name:<{width}}  max abs diff {d:.3e}{'' if d <= args.tol else '   <-- above tolerance'}")
-    worst = max(diffs.values())
-    print(f"{len(diffs)} tensors, largest difference {worst:.3e} (tolerance {args.tol:g}): "
-          f"{'OK' if worst <= args.tol else 'MISMATCH'}")
-    return 0 if worst <= args.tol else 1
+    report = check_golden(args.check)
+    width = max(map(len, report))
+    failing = [name for name, r in report.items() if not r["max_diff"] <= args.tol]   # NaN fails
+    for name, r in report.items():
+        print(f"{name:<{width}}  max abs diff {r['max_diff']:.3e}"
+              f"{'   <-- above tolerance' if name in failing else ''}")
+        if name in failing:
+            for i, ours, theirs in r["first"]:
+                print(f"{'':<{width}}    [{i}] ours {ours!r:<24} file {theirs!r:<24} "
+                      f"{'OK' if abs(ours - theirs) <= args.tol else 'NOT OK'}")
+    worst = max((r["max_diff"] for r in report.values()), key=lambda d: np.inf if np.isnan(d) else d)
+    verdict = "MISMATCH" if failing else "OK"
+    print(f"{len(report)} tensors, largest difference {worst:.3e} (tolerance {args.tol:g}); "
+          f"{len(failing)} above it: {verdict}")
+    return 1 if failing else 0
 
 
 def build_parser():

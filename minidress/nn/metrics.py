@@ -1,17 +1,10 @@
-"""Counting what a (sub-)network costs: multiply-accumulates, kept parameters, stored bytes."""
+"""Counting what a (sub-)network costs: multiply-accumulates and kept parameters (stored bytes:
+``minidress.deploy.Store.accounting``)."""
 from __future__ import annotations
 
 import numpy as np
 
-from .layers import Conv2d, Linear
-
-
-def index_dtype(row_len: int) -> np.dtype:
-    """The narrowest unsigned integer type that holds every column index of a row."""
-    for dt in (np.uint8, np.uint16, np.uint32):
-        if row_len - 1 <= np.iinfo(dt).max:
-            return np.dtype(dt)
-    return np.dtype(np.uint64)
+from .layers import Conv2d, Linear, eval_mode
 
 
 def macs(model, input_shape) -> int:
@@ -22,18 +15,14 @@ def macs(model, input_shape) -> int:
     output size.
     """
     w0 = next(iter(model.parameters().values()))
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         model.forward(np.zeros((1, *input_shape), w0.dtype))
-    finally:
-        model.train(was_training)
     total = 0
     for _, layer in model.named_layers():
         if isinstance(layer, (Linear, Conv2d)):
             w = layer.params["weight"]
             nnz = int(np.count_nonzero(layer.mask)) if layer.mask is not None else w.size
-            positions = layer.cache[1].shape[0] if isinstance(layer, Conv2d) else 1  # Ho*Wo (N=1)
+            positions = int(np.prod(layer.output_hw)) if isinstance(layer, Conv2d) else 1
             total += nnz * positions
     return total
 
@@ -47,10 +36,3 @@ def kept_parameters(model) -> int:
             mask = getattr(layer, "mask", None) if name == "weight" else None
             total += int(np.count_nonzero(mask)) if mask is not None else p.size
     return total
-
-
-def storage_bytes(dress) -> dict:
-    """Bytes to hold every level of ``dress``: one nested copy against K separate models
-    (row-sparse, CSR, dense) and one dense model; see ``minidress.store.Store.accounting``."""
-    from .store import Store
-    return Store.from_dress(dress).accounting()

@@ -2,7 +2,7 @@
 
 ``write_golden(path)`` runs one joint DRESS step (then one plain SGD step) on two tiny, fixed,
 float64 networks and stores every input, weight, rank, mask, logit, loss and gradient in a
-versioned archive (``minidress.checkpoint`` format, kind ``minidress.golden``).
+versioned archive (``minidress.checkpoint`` format, kind ``minidress.app.golden``).
 ``check_golden(path)`` recomputes everything from the stored inputs and weights and reports the
 largest difference per tensor. ``docs/golden-format.md`` documents each array.
 
@@ -19,50 +19,36 @@ from __future__ import annotations
 
 import numpy as np
 
-from .checkpoint import read_archive, write_archive
-from .dress import Dress
-from .layers import Conv2d, Flatten, Linear, ReLU, Sequential
+from ..checkpoint import read_archive, write_archive
+from ..dress import Dress
+from ..nn.models import build_model
 
-GOLDEN_KIND = "minidress.golden"
+GOLDEN_KIND = "minidress.app.golden"
 GOLDEN_VERSION = 1
 LEVELS = (1.0, 0.5, 0.25)
 LAMBDAS = "density"
 LR = 0.1
 
 
+def _linear(i, n_in, n_out):
+    return {"name": str(i), "type": "linear", "in": n_in, "out": n_out}
+
+
+def _conv(i, c_in, c_out, k, stride, padding):
+    return {"name": str(i), "type": "conv2d", "in_channels": c_in, "out_channels": c_out,
+            "kernel_size": k, "stride": stride, "padding": padding}
+
+
 def _architectures():
+    """Each network's input shape and layers, in the model-spec format of
+    ``minidress.nn.models.build_model`` (which is also the file's metadata)."""
     return {
-        "mlp": ((7, 12), [("linear", 12, 10), ("relu",), ("linear", 10, 8), ("relu",), ("linear", 8, 4)]),
-        "cnn": ((5, 2, 6, 6), [("conv", 2, 3, 3, 1, 1), ("relu",), ("conv", 3, 4, 3, 2, 1), ("relu",),
-                               ("flatten",), ("linear", 36, 4)]),
+        "mlp": ((7, 12), [_linear(0, 12, 10), {"name": "1", "type": "relu"}, _linear(2, 10, 8),
+                          {"name": "3", "type": "relu"}, _linear(4, 8, 4)]),
+        "cnn": ((5, 2, 6, 6), [_conv(0, 2, 3, 3, 1, 1), {"name": "1", "type": "relu"},
+                               _conv(2, 3, 4, 3, 2, 1), {"name": "3", "type": "relu"},
+                               {"name": "4", "type": "flatten"}, _linear(5, 36, 4)]),
     }
-
-
-def _build(layers, rng):
-    made = []
-    for spec in layers:
-        kind = spec[0]
-        if kind == "linear":
-            made.append(Linear(spec[1], spec[2], rng, np.float64))
-        elif kind == "conv":
-            made.append(Conv2d(*spec[1:], rng=rng, dtype=np.float64))
-        else:
-            made.append(ReLU() if kind == "relu" else Flatten())
-    return Sequential(*made)
-
-
-def _layer_meta(layers):
-    """The architecture as JSON: one dict per layer, with the name its parameters use."""
-    out = []
-    for i, spec in enumerate(layers):
-        if spec[0] == "linear":
-            out.append({"name": str(i), "type": "linear", "in": spec[1], "out": spec[2]})
-        elif spec[0] == "conv":
-            out.append({"name": str(i), "type": "conv2d", "in_channels": spec[1], "out_channels": spec[2],
-                        "kernel_size": spec[3], "stride": spec[4], "padding": spec[5]})
-        else:
-            out.append({"name": str(i), "type": spec[0]})
-    return out
 
 
 def dress_step_tensors(model, x, y, levels=LEVELS, lambdas=LAMBDAS, lr=LR) -> dict:
@@ -94,14 +80,14 @@ def golden_tensors(seed=0) -> tuple[dict, dict]:
                         "networks": {}}
     for i, (net, (x_shape, layers)) in enumerate(_architectures().items()):
         rng = np.random.default_rng([seed, i])
-        model = _build(layers, rng)
+        model = build_model({"layers": layers}, dtype=np.float64, rng=rng)
         for name, p in model.parameters().items():
             if name.endswith("bias"):      # non-zero biases, so their gradients mean something
                 p[...] = rng.standard_normal(p.shape) * 0.1
         x = rng.standard_normal(x_shape)
         y = rng.integers(0, 4, x_shape[0])
         arrays.update({f"{net}/{k}": v for k, v in dress_step_tensors(model, x, y).items()})
-        meta["networks"][net] = {"layers": _layer_meta(layers), "input_shape": list(x_shape)}
+        meta["networks"][net] = {"layers": layers, "input_shape": list(x_shape)}
     return arrays, meta
 
 
@@ -112,16 +98,20 @@ def write_golden(path, seed=0):
     return write_archive(path, arrays, meta, GOLDEN_KIND, GOLDEN_VERSION)
 
 
-def check_golden(path) -> dict[str, float]:
-    """Recompute every tensor from the file's inputs and weights; max abs difference per name.
+def check_golden(path, n_show=5) -> dict[str, dict]:
+    """Recompute every tensor from the file's inputs and weights and compare, as llm.c's
+    ``check_tensor`` does.
 
-    Raises ``ValueError`` if the file's tensors do not match the recomputation's names/shapes.
+    Returns, per tensor name, ``{"max_diff": float, "first": [(index, ours, theirs), ...]}``:
+    the largest absolute difference (NaN if either side holds a NaN where the other does not,
+    so that a NaN never passes) and the first ``n_show`` entries in C order, each as
+    (flat index, our value, the file's value). Raises ``ValueError`` if the file's tensors do
+    not match the recomputation's names or shapes.
     """
     stored, meta = read_archive(path, GOLDEN_KIND, {GOLDEN_VERSION})
-    diffs = {}
+    report = {}
     for net, info in meta["networks"].items():
-        layers = [(_spec_from_meta(l)) for l in info["layers"]]
-        model = _build(layers, np.random.default_rng(0))
+        model = build_model({"layers": info["layers"]}, dtype=np.float64)
         model.load_state({k[len(f"{net}/param/"):]: v for k, v in stored.items()
                           if k.startswith(f"{net}/param/")})
         fresh = dress_step_tensors(model, stored[f"{net}/x"], stored[f"{net}/y"],
@@ -130,14 +120,14 @@ def check_golden(path) -> dict[str, float]:
             name = f"{net}/{k}"
             if name not in stored or stored[name].shape != np.shape(v):
                 raise ValueError(f"{path}: tensor {name} is missing or has the wrong shape")
-            diffs[name] = float(np.max(np.abs(stored[name].astype(np.float64) - np.asarray(v, np.float64)), initial=0.0))
-    return diffs
+            report[name] = compare_tensors(np.asarray(v, np.float64), stored[name].astype(np.float64), n_show)
+    return report
 
 
-def _spec_from_meta(layer):
-    if layer["type"] == "linear":
-        return ("linear", layer["in"], layer["out"])
-    if layer["type"] == "conv2d":
-        return ("conv", layer["in_channels"], layer["out_channels"], layer["kernel_size"],
-                layer["stride"], layer["padding"])
-    return (layer["type"],)
+def compare_tensors(ours, theirs, n_show=5) -> dict:
+    """``{"max_diff", "first"}`` of two arrays of one shape (see ``check_golden``)."""
+    diff = np.abs(ours - theirs).ravel()
+    nan_mismatch = np.isnan(ours).ravel() != np.isnan(theirs).ravel()
+    worst = float(np.nan) if nan_mismatch.any() or np.isnan(diff).any() else float(np.max(diff, initial=0.0))
+    first = [(i, float(ours.flat[i]), float(theirs.flat[i])) for i in range(min(n_show, ours.size))]
+    return {"max_diff": worst, "first": first}

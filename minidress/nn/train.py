@@ -11,8 +11,9 @@ import time
 import numpy as np
 from tqdm import tqdm  # the plain bar: tqdm.auto warns in notebooks without ipywidgets
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .data.batching import iterate_minibatches
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..data.batching import iterate_minibatches
+from .layers import eval_mode
 from .losses import softmax_cross_entropy
 
 
@@ -33,12 +34,8 @@ def dense_step(model, xb, yb):
 
 def predict_logits(model, x, batch_size=1000):
     """Logits ``[N, n_classes]`` in eval mode (running BatchNorm statistics); restores the mode."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return np.concatenate([model.forward(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
-    finally:
-        model.train(was_training)
 
 
 def evaluate(model, x, y, batch_size=1000):
@@ -48,6 +45,11 @@ def evaluate(model, x, y, batch_size=1000):
     return loss, float((logits.argmax(axis=1) == y).mean())
 
 
+def steps_per_epoch(n_examples, batch_size) -> int:
+    """Mini-batches in one epoch of ``n_examples``: the last one may be smaller."""
+    return -(-n_examples // batch_size)
+
+
 def fit(model, optimizer, x_train, y_train, x_val=None, y_val=None, *, epochs, batch_size=128,
         schedule=None, seed=0, step=dense_step, quiet=False, checkpoint_path=None, resume=None,
         meta=None):
@@ -55,7 +57,7 @@ def fit(model, optimizer, x_train, y_train, x_val=None, y_val=None, *, epochs, b
 
     Parameters
     ----------
-    model : minidress.layers.Layer
+    model : minidress.nn.layers.Layer
     optimizer : object with ``step(params, grads)``, ``lr``, ``state_dict()``/``load_state_dict()``
     x_train : ndarray [N, ...];  y_train : int ndarray [N]
     x_val, y_val : optional held-out data evaluated after every epoch
@@ -91,16 +93,16 @@ def fit(model, optimizer, x_train, y_train, x_val=None, y_val=None, *, epochs, b
         saved = load_checkpoint(resume, model, optimizer)
         history = saved["history"]
         start = len(history)
-    steps_per_epoch = -(-len(x_train) // batch_size)
+    per_epoch = steps_per_epoch(len(x_train), batch_size)
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         model.train()
         rng = np.random.default_rng([seed, epoch])
         total_loss = total_correct = seen = 0
-        bar = tqdm(iterate_minibatches(x_train, y_train, batch_size, rng), total=steps_per_epoch,
+        bar = tqdm(iterate_minibatches(x_train, y_train, batch_size, rng), total=per_epoch,
                    desc=f"epoch {epoch + 1}/{epochs}", disable=quiet, leave=False)
         for i, (xb, yb) in enumerate(bar):
-            global_step = epoch * steps_per_epoch + i
+            global_step = epoch * per_epoch + i
             if schedule is not None:
                 optimizer.lr = schedule(global_step)
             loss, correct, grads = step(model, xb, yb)
