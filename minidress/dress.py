@@ -131,7 +131,7 @@ def resolve_lambdas(lambdas, levels) -> np.ndarray:
     w = np.asarray(lambdas, np.float64)
     if w.shape != d.shape or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
         raise ValueError(f"lambdas must be {len(d)} finite non-negative numbers (one per level) "
-                         f"with a positive sum, got {list(np.atleast_1d(lambdas))}")
+                         f"with a positive sum, got {np.atleast_1d(lambdas).tolist()}")
     return w
 
 

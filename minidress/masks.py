@@ -24,6 +24,9 @@ import numpy as np
 
 def check_density(density, name="density") -> float:
     """Return ``density`` as a float, or raise naming the argument if it is not in (0, 1]."""
+    # bool and str convert to float (True -> 1.0, "0.5" -> 0.5) but are never meant as densities.
+    if isinstance(density, (bool, np.bool_, str, bytes)):
+        raise TypeError(f"{name} must be a number in (0, 1], got {density!r}")
     try:
         d = float(density)
     except (TypeError, ValueError):

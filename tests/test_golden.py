@@ -97,3 +97,11 @@ def test_check_prints_the_first_entries_of_a_failing_tensor_and_never_passes_nan
     out = capsys.readouterr().out
     assert "cnn/logits/1" in out and "above tolerance" in out and "MISMATCH" in out
     assert "[1] ours" in out and "file nan" in out and "NOT OK" in out
+
+
+def test_file_kinds_are_the_documented_ones():
+    """The kinds are part of the file formats (docs/golden-format.md, the README): moving a module
+    must never change them."""
+    from minidress.checkpoint import CHECKPOINT_KIND
+    from minidress.deploy.store import STORE_KIND
+    assert (CHECKPOINT_KIND, STORE_KIND, GOLDEN_KIND) == ("minidress.checkpoint", "minidress.store", "minidress.golden")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -24,18 +25,43 @@ from ..fileio import atomic_write_bytes
 from ..nn.metrics import macs
 from ..nn.models import MODELS, build_model
 from ..nn.optim import SGD, Adam, make_schedule
-from ..nn.train import evaluate, steps_per_epoch
+from ..nn.train import RESUMABLE_CHANGES, evaluate
 from ..validate import check_int
 from .experiment import RunConfig, load_data, run_dense, run_experiment
 from .golden import GOLDEN_VERSION, check_golden, write_golden
 from .report import format_table, plot_curve, plot_history
+from .runfolder import RunFolder, read_status
 
 
-def _positive_int(text):
+def _int_at_least(minimum):
+    def parse(text):
+        try:
+            return check_int(int(text), "the value", minimum)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+    return parse
+
+
+_positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
+
+
+def _hidden(text):
     try:
-        return check_int(int(text), "the value", 1)
+        widths = tuple(int(h) for h in text.split(",") if h.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}") from None
+        widths = ()
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return widths
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show each option's default, except where there is none to show (None, False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_data_args(p):
@@ -43,13 +69,14 @@ def add_data_args(p):
     p.add_argument("--data-dir", default=None,
                    help="directory holding the standard files (default: $MINIDRESS_DATA or "
                         "~/.cache/minidress, downloading what is missing)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_non_negative_int, default=0)
 
 
 def add_train_args(p):
     p.add_argument("--model", default="cnn", choices=MODELS)
-    p.add_argument("--hidden", default="300,100", help="hidden widths of the MLP, comma-separated")
-    p.add_argument("--epochs", type=int, default=None,
+    p.add_argument("--hidden", default="300,100", type=_hidden,
+                   help="hidden widths of the MLP, comma-separated positive integers")
+    p.add_argument("--epochs", type=_non_negative_int, default=None,
                    help="DRESS: joint-training epochs (default 10); --dense: epochs (default 20 "
                         "on digits, 10 otherwise)")
     p.add_argument("--batch-size", type=_positive_int, default=64)
@@ -63,12 +90,19 @@ def add_train_args(p):
     g = p.add_argument_group("DRESS")
     add_dress_options(g)
     g.add_argument("--ramp-epochs", type=float, default=0.0, help="length of the cubic ramp, in epochs")
-    g.add_argument("--pretrain-epochs", type=int, default=None, help="default: 10 (0 allowed)")
+    g.add_argument("--pretrain-epochs", type=_non_negative_int, default=10, help="pre-training epochs")
     g.add_argument("--finetune-lr", type=float, default=0.01, help="learning rate of the joint phase")
     g.add_argument("--no-baselines", action="store_true", help="skip single compressed and one-shot")
-    p.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-<model>-seed<seed>)")
-    p.add_argument("--resume", default=None, help="continue from this run's checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--val-fraction", type=float, default=0.0,
+                   help="hold this fraction of the training set out for a validation score per "
+                        "pre-training epoch (0: none; the test set is only used for the final table)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/dress-<dataset>-<model>-seed<seed>, "
+                                               "runs/dense-... with --dense)")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN",
+                   help="continue the interrupted run in --out (or in the folder RUN, or the folder "
+                        "of the checkpoint RUN); the configuration must be the same run's")
+    p.add_argument("--force", action="store_true", help="replace a run the folder already holds")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
 
 
 def add_dress_options(group):
@@ -83,7 +117,7 @@ def add_dress_options(group):
             continue
         default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
         group.add_argument(flag, dest=f.name, default=default, choices=cli.get("choices"),
-                           help=f"{cli['help']} (default {default})")
+                           help=cli["help"])
 
 
 def dress_options(args) -> DressOptions:
@@ -115,29 +149,40 @@ def cmd_train(args):
     return cmd_train_dense(args) if args.dense else cmd_train_dress(args)
 
 
+def run_folder(args, kind) -> Path:
+    """The run folder: ``--resume RUN`` names it (or a checkpoint in it), else ``--out``."""
+    if isinstance(args.resume, str):
+        given = Path(args.resume)
+        return given.parent if given.suffix == ".npz" else given
+    return Path(args.out or f"runs/{kind}-{args.dataset}-{args.model}-seed{args.seed}")
+
+
 def cmd_train_dress(args):
-    if args.resume:
-        raise ValueError("--resume applies to --dense runs")
     cfg = RunConfig(dataset=args.dataset, data_dir=args.data_dir, model=args.model,
-                    hidden=_hidden(args.hidden), dress=dress_options(args), ramp_epochs=args.ramp_epochs,
-                    pretrain_epochs=10 if args.pretrain_epochs is None else args.pretrain_epochs,
+                    hidden=args.hidden, dress=dress_options(args), ramp_epochs=args.ramp_epochs,
+                    pretrain_epochs=args.pretrain_epochs,
                     epochs=10 if args.epochs is None else args.epochs, batch_size=args.batch_size,
                     lr=args.lr or 0.05, finetune_lr=args.finetune_lr, momentum=args.momentum,
                     weight_decay=args.weight_decay, seed=args.seed, baselines=not args.no_baselines,
-                    quiet=args.quiet)
-    out = Path(args.out or f"runs/dress-{args.dataset}-{args.model}-seed{args.seed}")
-    print(f"minidress train: DRESS on {cfg.dataset} with the {cfg.model} model, seed {cfg.seed}")
-    run = run_experiment(cfg, checkpoint_path=out / "checkpoint.npz")
-    result = run.metrics
-    Store.from_dress(run.dress, meta={"model": result["model"], "config": result["config"],
-                                  "dataset": result["dataset"]}).save(out / "store.npz")
-    atomic_write_bytes(out / "metrics.json", json.dumps(result, indent=2).encode())
-    plot_curve(result, out / "accuracy_vs_density.png")
+                    val_fraction=args.val_fraction, quiet=args.quiet)
+    out = args.run_folder = run_folder(args, "dress")
+    record = json.loads(json.dumps({k: v for k, v in cfg.to_json(0).items() if k != "ramp_steps"}))
+    identity = set(record) - RESUMABLE_CHANGES
+    with RunFolder(out, record, resume=bool(args.resume), force=args.force, identity=identity) as folder:
+        print(f"minidress train: DRESS on {cfg.dataset} with the {cfg.model} model, seed {cfg.seed}"
+              + (f" (resuming {out})" if args.resume else ""))
+        run = run_experiment(cfg, run_dir=out, resume=bool(args.resume))
+        result = run.metrics
+        Store.from_dress(run.dress, meta={"model": result["model"], "config": result["config"],
+                                          "dataset": result["dataset"]}).save(out / "store.npz")
+        atomic_write_bytes(out / "metrics.json", json.dumps(result, indent=2).encode())
+        plot_curve(result, out / "accuracy_vs_density.png")
+        folder.complete()
     print(f"\ndense pre-trained network: {100 * result['dense_acc']:.2f}% test accuracy\n")
     print(format_table(result))
     print(f"\nfine-grained curve ({len(result['curve'])} densities, recalibrated BN): " + curve_summary(result))
-    print(f"run folder: {out}/ (checkpoint.npz, store.npz, metrics.json, accuracy_vs_density.png); "
-          f"{result['seconds']['total']:.0f} s")
+    print(f"run folder: {out}/ (run.json, pretrain.npz, checkpoint.npz, store.npz, metrics.json, "
+          f"accuracy_vs_density.png); {result['seconds']['total']:.0f} s")
     return 0
 
 
@@ -154,27 +199,27 @@ def curve_summary(result) -> str:
     return "; ".join(parts)
 
 
-def _hidden(text):
-    return tuple(int(h) for h in text.split(",") if h)
-
-
 def cmd_train_dense(args):
     epochs = args.epochs if args.epochs is not None else (20 if args.dataset == "digits" else 10)
     cfg = RunConfig(dataset=args.dataset, data_dir=args.data_dir, model=args.model,
-                    hidden=_hidden(args.hidden), batch_size=args.batch_size, seed=args.seed,
-                    quiet=args.quiet)
+                    hidden=args.hidden, batch_size=args.batch_size, seed=args.seed, quiet=args.quiet)
     opt = make_optimizer(args)
-    out = Path(args.out or f"runs/dense-{args.dataset}-{args.model}-seed{args.seed}")
-    config = {k: v for k, v in vars(args).items() if k != "func"} | {"epochs": epochs}
-    print(f"{args.optimizer} lr {opt.lr}, {args.schedule} schedule")
-    metrics, _ = run_dense(cfg, opt, epochs,
-                           lambda total: make_schedule(args.schedule, opt.lr, total, warmup=args.warmup),
-                           out / "checkpoint.npz", args.resume, config)
-    atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
-    plot_history(metrics["history"], out / "curves.png", f"{args.dataset} / {args.model}")
+    out = args.run_folder = run_folder(args, "dense")
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "run_folder")} | {"epochs": epochs}
+    config = json.loads(json.dumps(config, default=str))       # tuples become lists, as in the file
+    identity = set(config) - RESUMABLE_CHANGES
+    with RunFolder(out, config, resume=bool(args.resume), force=args.force, identity=identity) as folder:
+        print(f"{args.optimizer} lr {opt.lr}, {args.schedule} schedule")
+        ckpt = out / "checkpoint.npz"
+        metrics, _ = run_dense(cfg, opt, epochs,
+                               lambda total: make_schedule(args.schedule, opt.lr, total, warmup=args.warmup),
+                               ckpt, ckpt if args.resume and ckpt.exists() else None, config)
+        atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+        plot_history(metrics["history"], out / "curves.png", f"{args.dataset} / {args.model}")
+        folder.complete()
     print(f"test accuracy {metrics['test_acc']:.4f} (loss {metrics['test_loss']:.4f}) after "
           f"{len(metrics['history'])} epochs, {metrics['seconds']:.1f} s")
-    print(f"run folder: {out}/ (checkpoint.npz, metrics.json, curves.png)")
+    print(f"run folder: {out}/ (run.json, checkpoint.npz, metrics.json, curves.png)")
     return 0
 
 
@@ -192,8 +237,14 @@ def cmd_eval(args):
             raise ValueError(f"{args.checkpoint} is a dense checkpoint: --density needs a DRESS run")
         model = build_model(spec, dtype=dtype)
         model.load_state(state)
-    cfg = RunConfig(dataset=args.dataset or meta["dataset"], data_dir=args.data_dir,
-                    seed=meta.get("seed", 0))
+    recorded = meta.get("config") or {}
+    cfg = RunConfig(dataset=args.dataset or meta["dataset"],
+                    data_dir=args.data_dir or recorded.get("data_dir"), seed=meta.get("seed", 0))
+    done, planned = len(meta.get("history", [])), recorded.get("epochs")
+    status = read_status(Path(args.checkpoint).parent)
+    if (status is not None and status["status"] != "complete") or (planned is not None and done < planned):
+        print(f"note: {args.checkpoint} is from an incomplete run ({done} of {planned} epochs of its "
+              f"last phase); continue it with minidress train --resume {Path(args.checkpoint).parent}")
     ds, x_train, x_test = load_data(cfg)
     densities = [args.density] if args.density is not None else (list(dress.levels) if is_dress else [None])
     for d in densities:
@@ -262,24 +313,27 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="minidress", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train DRESS (or, with --dense, one network); write a run folder")
+    p = sub.add_parser("train", help="train DRESS (or, with --dense, one network); write a run folder",
+                       formatter_class=_HelpFormatter)
     add_data_args(p)
     add_train_args(p)
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("eval", help="evaluate a checkpoint on its data set's test split")
+    p = sub.add_parser("eval", help="evaluate a checkpoint on its data set's test split",
+                       formatter_class=_HelpFormatter)
     p.add_argument("checkpoint")
     p.add_argument("--dataset", default=None, help="default: the data set it was trained on")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--data-dir", default=None, help="default: the folder the checkpoint's run read")
     p.add_argument("--density", type=float, default=None,
                    help="DRESS: evaluate the sub-network at this density (default: every trained level)")
     p.add_argument("--recalibrate", action="store_true",
                    help="DRESS: recalibrate batch-norm statistics at that density on training batches")
-    p.add_argument("--recalibrate-batches", type=int, default=10)
+    p.add_argument("--recalibrate-batches", type=_positive_int, default=10)
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("inspect", help="show what a DRESS store (store.npz) holds and saves")
     p.add_argument("store")
     p.set_defaults(func=cmd_inspect)
-    p = sub.add_parser("golden", help="write or check the golden vectors of one DRESS step")
+    p = sub.add_parser("golden", help="write or check the golden vectors of one DRESS step",
+                       formatter_class=_HelpFormatter)
     p.add_argument("--out", default=None, help="write the golden file here")
     p.add_argument("--check", default=None, help="recompute a golden file and report differences")
     p.add_argument("--seed", type=int, default=0)
@@ -288,13 +342,28 @@ def build_parser():
     return parser
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt        # unwinds like Ctrl-C: temporary files are removed, locks released
+
+
 def main(argv=None):
+    """The command line: every failure of a family we expect is one line on stderr and exit 2
+    (ValueError covers ArchiveError, DataError, RunFolderError); an interrupt exits 130."""
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:
         print(f"minidress {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        folder = getattr(args, "run_folder", None)
+        where = (f"; {folder} is incomplete: continue it with minidress train --resume {folder}"
+                 if folder is not None else "")
+        print(f"minidress {args.command}: interrupted{where}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import NamedTuple
 
@@ -25,10 +26,12 @@ from ..data.batching import standardize
 from ..deploy.store import Store
 from ..dress import Dress, DressOptions, recalibrate_batchnorm
 from ..nn.metrics import kept_parameters, macs
-from ..nn.models import build_model
+from ..data.batching import train_val_split
+from ..masks import check_density
+from ..nn.models import MODELS, build_model
 from ..nn.optim import SGD, make_schedule
 from ..nn.train import evaluate, fit, steps_per_epoch
-from ..validate import check_int
+from ..validate import check_int, check_number
 
 
 @dataclass
@@ -58,12 +61,29 @@ class RunConfig:
     recalibrate_batches: int = 10
     train_subset: int | None = None
     test_subset: int | None = None
+    val_fraction: float = 0.0
     quiet: bool = False
 
     def __post_init__(self):
         # Fail before minutes of pre-training, not after.
         if not isinstance(self.dress, DressOptions):
             raise TypeError(f"dress must be a DressOptions, got {type(self.dress).__name__}")
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        self.hidden = tuple(check_int(h, "hidden widths", 1) for h in self.hidden)
+        for name, low in (("pretrain_epochs", 0), ("epochs", 0), ("batch_size", 1),
+                          ("recalibrate_batches", 1), ("seed", 0)):
+            check_int(getattr(self, name), name, low)
+        for name in ("lr", "finetune_lr"):
+            check_number(name, getattr(self, name), "> 0", lambda v: v > 0)
+        check_number("momentum", self.momentum, "in [0, 1)", lambda v: 0 <= v < 1)
+        check_number("weight_decay", self.weight_decay, ">= 0", lambda v: v >= 0)
+        check_number("ramp_epochs", self.ramp_epochs, ">= 0", lambda v: v >= 0)
+        check_number("val_fraction", self.val_fraction, "in [0, 1) (0 = no validation split)",
+                     lambda v: 0 <= v < 1)
+        self.grid = tuple(check_density(d, "grid") for d in self.grid)
+        if not self.grid:
+            raise ValueError("grid must hold at least one density")
         for name in ("train_subset", "test_subset"):
             if getattr(self, name) is not None:
                 check_int(getattr(self, name), name, 1, what="None (everything) or an integer >= 1")
@@ -123,14 +143,17 @@ def load_data(cfg: RunConfig):
     return ds, x_train[tr], x_test[te]
 
 
-def train_phase(model, cfg, x, y, xv, yv, epochs, lr, step=None, checkpoint_path=None, meta=None):
-    """SGD (Nesterov momentum, weight decay) with a cosine schedule over ``epochs``."""
+def train_phase(model, cfg, x, y, xv, yv, epochs, lr, step=None, checkpoint_path=None, meta=None,
+                label="", resume=False):
+    """SGD (Nesterov momentum, weight decay) with a cosine schedule over ``epochs``; with
+    ``resume``, continue from ``checkpoint_path`` if it exists (``minidress.nn.train.fit``)."""
     opt = SGD(lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
     steps = max(1, epochs * steps_per_epoch(len(x), cfg.batch_size))
     kw = {"step": step} if step is not None else {}
+    start = checkpoint_path if resume and checkpoint_path is not None and Path(checkpoint_path).exists() else None
     return fit(model, opt, x, y, xv, yv, epochs=epochs, batch_size=cfg.batch_size,
                schedule=make_schedule("cosine", lr, steps), seed=cfg.seed, quiet=cfg.quiet,
-               checkpoint_path=checkpoint_path, meta=meta, **kw)
+               checkpoint_path=checkpoint_path, meta=meta, label=label, resume=start, **kw)
 
 
 def model_spec(model_name, hidden, ds, x_train) -> dict:
@@ -151,22 +174,36 @@ def _log(cfg, msg):
         print(msg, flush=True)
 
 
-def run_experiment(cfg: RunConfig, checkpoint_path=None) -> Run:
-    """Run DRESS and (optionally) its baselines; returns a ``Run``."""
+def run_experiment(cfg: RunConfig, run_dir=None, resume=False) -> Run:
+    """Run DRESS and (optionally) its baselines; returns a ``Run``.
+
+    With ``run_dir``, the pre-training and the joint training write checkpoints there after every
+    epoch (``pretrain.npz``, ``checkpoint.npz``); with ``resume``, they continue from them. A
+    resumed run ends with the same numbers as an uninterrupted one: every phase after the
+    checkpoints is a function of the trained weights and the seed.
+    """
     t_start = time.perf_counter()
     ds, x_train, x_test = load_data(cfg)
     y_train, y_test = ds.y_train, ds.y_test
+    x_val = y_val = None
+    if cfg.val_fraction:                # held out of every training phase, reported per epoch
+        x_train, y_train, x_val, y_val = train_val_split(x_train, y_train, cfg.val_fraction, cfg.seed)
     spec = model_spec(cfg.model, cfg.hidden, ds, x_train)
     per_epoch = steps_per_epoch(len(x_train), cfg.batch_size)
     options = cfg.dress_for(per_epoch)
     model = build_model(spec, cfg.seed)
-    result = {"config": cfg.to_json(per_epoch), "model": spec, "dataset": ds.name}
+    result = {"config": cfg.to_json(per_epoch), "model": spec, "dataset": ds.name,
+              "n_train": len(x_train), "n_val": 0 if x_val is None else len(x_val), "n_test": len(x_test)}
+    meta = {"model": spec, "dataset": ds.name, "config": result["config"]}
+    path = (lambda name: None) if run_dir is None else (lambda name: Path(run_dir) / name)
 
     # 1. Pre-train the dense backbone.
-    _log(cfg, f"[1/4] pre-training the dense {cfg.model} for {cfg.pretrain_epochs} epochs")
+    _log(cfg, f"[1/4] pre-training the dense {cfg.model} for {cfg.pretrain_epochs} epochs on "
+              f"{len(x_train)} examples" + (f" ({len(x_val)} held out for validation)" if x_val is not None else ""))
     t0 = time.perf_counter()
-    result["pretrain_history"] = train_phase(model, cfg, x_train, y_train, x_test, y_test,
-                                             cfg.pretrain_epochs, cfg.lr)
+    result["pretrain_history"] = train_phase(model, cfg, x_train, y_train, x_val, y_val,
+                                             cfg.pretrain_epochs, cfg.lr, checkpoint_path=path("pretrain.npz"),
+                                             meta=meta, label="pre-training", resume=resume)
     result["dense_acc"] = evaluate(model, x_test, y_test)[1]
     result["seconds"] = {"pretrain": time.perf_counter() - t0}
     pretrained = copy.deepcopy(model)
@@ -175,10 +212,11 @@ def run_experiment(cfg: RunConfig, checkpoint_path=None) -> Run:
     _log(cfg, f"[2/4] DRESS: levels {list(cfg.levels)}, joint training for {cfg.epochs} epochs")
     t0 = time.perf_counter()
     dress = Dress(model, options)
-    meta = {"model": spec, "dataset": ds.name, "config": result["config"]}
     result["dress_history"] = train_phase(model, cfg, x_train, y_train, None, None, cfg.epochs,
                                           cfg.finetune_lr, step=dress.joint_step,
-                                          checkpoint_path=checkpoint_path, meta=meta)
+                                          checkpoint_path=path("checkpoint.npz"), meta=meta,
+                                          label="DRESS, loss = sum over levels of lambda_k * loss_k",
+                                          resume=resume)
     result["seconds"]["dress"] = time.perf_counter() - t0
     levels = {}
     for d in cfg.levels:
@@ -189,6 +227,7 @@ def run_experiment(cfg: RunConfig, checkpoint_path=None) -> Run:
     result["passes"] = {"pretrain": cfg.pretrain_epochs * per_epoch,
                         "dress": cfg.epochs * per_epoch * len(cfg.levels)}
     result["bytes"] = Store.from_dress(dress).accounting()
+    result["batchnorm_layers"] = len(dress.batchnorms)
 
     # 3. Any density: the fine grid, with the nearest level's norms and with recalibration.
     _log(cfg, f"[3/4] evaluating {len(cfg.grid)} densities between {min(cfg.grid)} and {max(cfg.grid)}")
@@ -205,7 +244,8 @@ def run_experiment(cfg: RunConfig, checkpoint_path=None) -> Run:
         _log(cfg, f"[4/4] baselines: {len(cfg.levels)} single compressed networks, one-shot pruning")
         t0 = time.perf_counter()
         for d in cfg.levels:
-            levels[str(d)].update(single_level_baselines(cfg, options, pretrained, d, ds, x_train, x_test))
+            levels[str(d)].update(single_level_baselines(cfg, options, pretrained, d, x_train, y_train,
+                                                         x_test, y_test))
         result["passes"]["single_each"] = cfg.epochs * per_epoch
         result["seconds"]["baselines"] = time.perf_counter() - t0
     result["levels"] = list(levels.values())
@@ -213,19 +253,19 @@ def run_experiment(cfg: RunConfig, checkpoint_path=None) -> Run:
     return Run(result, dress, pretrained)
 
 
-def single_level_baselines(cfg, options, pretrained, d, ds, x_train, x_test) -> dict:
+def single_level_baselines(cfg, options, pretrained, d, x_train, y_train, x_test, y_test) -> dict:
     """Test accuracies at density ``d`` of the two baselines, each from a copy of ``pretrained``:
     ``single_acc``, pruned row-wise at ``d`` (DRESS's ranking and options, one level) and
     fine-tuned alone for ``cfg.epochs``; ``one_shot_acc``, pruned with no training, batch-norm
     statistics recalibrated."""
     one_level = replace(options, levels=(d,), lambdas="uniform")
     single = Dress(copy.deepcopy(pretrained), one_level)
-    train_phase(single.model, cfg, x_train, ds.y_train, None, None, cfg.epochs, cfg.finetune_lr,
-                step=single.joint_step)
+    train_phase(single.model, cfg, x_train, y_train, None, None, cfg.epochs, cfg.finetune_lr,
+                step=single.joint_step, label=f"single compressed at density {d:g}")
     shot = Dress(copy.deepcopy(pretrained), one_level)
     recalibrate_batchnorm(shot, x_train, d, cfg.recalibrate_batches, cfg.batch_size, cfg.seed)
-    return {"single_acc": single.evaluate(x_test, ds.y_test, d)[1],
-            "one_shot_acc": evaluate(shot.model, x_test, ds.y_test)[1]}
+    return {"single_acc": single.evaluate(x_test, y_test, d)[1],
+            "one_shot_acc": evaluate(shot.model, x_test, y_test)[1]}
 
 
 def run_dense(cfg: RunConfig, optimizer, epochs, schedule_for=None, checkpoint_path=None,

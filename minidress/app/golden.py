@@ -23,7 +23,7 @@ from ..checkpoint import read_archive, write_archive
 from ..dress import Dress
 from ..nn.models import build_model
 
-GOLDEN_KIND = "minidress.app.golden"
+GOLDEN_KIND = "minidress.golden"
 GOLDEN_VERSION = 1
 LEVELS = (1.0, 0.5, 0.25)
 LAMBDAS = "density"

@@ -45,27 +45,54 @@ def format_table(result) -> str:
     return "\n".join(rows)
 
 
+def curve_ylim(result, margin=2.0) -> tuple:
+    """The accuracy range (%) worth showing: from a little below the lowest accuracy of any
+    method at or above the sparsest trained level, to 100. Points below it (a density far under
+    every level, an untrained baseline) are drawn at the bottom edge and labelled, rather than
+    squeezing the 97-99% curves into one line."""
+    lo = min(result["config"]["levels"])
+    values = [p[k] for p in result["curve"] if p["density"] >= lo
+              for k in ("recalibrated_acc", "nearest_norm_acc")]
+    values += [v[k] for v in result["levels"] for k in ("dress_acc", "single_acc", "one_shot_acc") if k in v]
+    return max(0.0, 100 * min(values) - margin), 100.0
+
+
+def sparsified_layers_note(result) -> str:
+    return ("every Linear/Conv2d layer sparse" if not result["config"]["dense_first_last"]
+            else "first layer and classifier dense, the others sparse")
+
+
 def plot_curve(result, path):
-    """Accuracy vs density: DRESS over the grid (nearest-level norms and recalibrated), the
-    trained levels marked, and the baselines at the levels."""
+    """Accuracy vs density: DRESS over the grid (recalibrated batch-norm statistics, and, for a
+    model with batch norm, the nearest level's), the trained levels marked, and the baselines at
+    the levels. The y-axis shows ``curve_ylim``; lower points sit on its edge, labelled."""
     plt = _pyplot()
-    c = result["curve"]
+    bottom, top = curve_ylim(result)
+    clip = lambda values: [max(100 * v, bottom) for v in values]
+    c, lv = result["curve"], result["levels"]
     d = [p["density"] for p in c]
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    ax.plot(d, [100 * p["recalibrated_acc"] for p in c], "-", label="DRESS, any density (recalibrated BN)")
-    ax.plot(d, [100 * p["nearest_norm_acc"] for p in c], ":", label="DRESS, any density (nearest level's BN)")
-    lv = result["levels"]
-    ax.plot([v["density"] for v in lv], [100 * v["dress_acc"] for v in lv], "o", color="C0",
+    has_bn = result.get("batchnorm_layers", 1) > 0       # without batch norm the two curves agree
+    ax.plot(d, clip(p["recalibrated_acc"] for p in c), "-",
+            label="DRESS, any density" + (" (recalibrated BN)" if has_bn else ""))
+    if has_bn:
+        ax.plot(d, clip(p["nearest_norm_acc"] for p in c), ":", label="DRESS, any density (nearest level's BN)")
+    ax.plot([v["density"] for v in lv], clip(v["dress_acc"] for v in lv), "o", color="C0",
             label="DRESS, trained levels")
     if "single_acc" in lv[0]:
-        ax.plot([v["density"] for v in lv], [100 * v["single_acc"] for v in lv], "s", mfc="none",
+        ax.plot([v["density"] for v in lv], clip(v["single_acc"] for v in lv), "s", mfc="none",
                 color="C3", label="single compressed")
-        ax.plot([v["density"] for v in lv], [100 * v["one_shot_acc"] for v in lv], "x", color="C2",
-                label="one-shot (recalibrated BN)")
+        ax.plot([v["density"] for v in lv], clip(v["one_shot_acc"] for v in lv), "x", color="C2",
+                label="one-shot" + (" (recalibrated BN)" if has_bn else ""))
+    for p in c:                                             # what the bottom edge hides
+        if 100 * p["recalibrated_acc"] < bottom:
+            ax.annotate(f"{100 * p['recalibrated_acc']:.0f}%", (p["density"], bottom), fontsize=7,
+                        xytext=(0, 4), textcoords="offset points", ha="center", color="C0")
     ax.set(xlabel="density (kept fraction of each row)", ylabel="test accuracy (%)", xscale="log",
-           title=f"{result['dataset']} / {result['model']['name']}")
+           title=f"{result['dataset']} / {result['model']['name']}: {sparsified_layers_note(result)}")
+    ax.title.set_fontsize(9)
     ax.set_xticks([0.05, 0.1, 0.25, 0.5, 1.0], ["0.05", "0.1", "0.25", "0.5", "1"])
-    ax.set_ylim(max(0, min(100 * p["nearest_norm_acc"] for p in c) - 5), 100)
+    ax.set_ylim(bottom - 0.5, top)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     save_figure(fig, path)

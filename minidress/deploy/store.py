@@ -38,7 +38,7 @@ from ..masks import check_density, n_kept
 from ..nn.layers import BatchNorm, Conv2d, Linear
 from ..nn.models import build_model
 
-STORE_KIND = "minidress.deploy.store"
+STORE_KIND = "minidress.store"
 STORE_VERSION = 1
 ORDERS = ("rank", "level_major")
 

@@ -6,6 +6,8 @@ written at the end of epoch ``e`` therefore continues exactly as the uninterrupt
 """
 from __future__ import annotations
 
+import json
+import sys
 import time
 
 import numpy as np
@@ -14,6 +16,7 @@ from tqdm import tqdm  # the plain bar: tqdm.auto warns in notebooks without ipy
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.batching import iterate_minibatches
 from .layers import eval_mode
+from ..validate import check_int
 from .losses import softmax_cross_entropy
 
 
@@ -50,9 +53,33 @@ def steps_per_epoch(n_examples, batch_size) -> int:
     return -(-n_examples // batch_size)
 
 
+# A loss this many times the first step's has diverged: stop, rather than train to the end on
+# nonsense (lr=1e6 used to finish with a loss of 1e6).
+DIVERGENCE_FACTOR = 1000.0
+# Metadata that may change when a run is resumed (more epochs, another output folder, ...);
+# everything else in ``meta`` must match the checkpoint's.
+RESUMABLE_CHANGES = frozenset({"epochs", "out", "resume", "force", "quiet", "data_dir", "history"})
+
+
+def check_same_run(saved: dict, meta: dict, source) -> None:
+    """Raise ValueError if ``saved`` (a checkpoint's metadata) is not of the run ``meta`` describes:
+    the model spec, data set, seed and configuration must agree (``RESUMABLE_CHANGES`` aside)."""
+    def flat(m):
+        out = {k: v for k, v in m.items() if k not in ("config", "model_state", "optimizer_state")}
+        out.update({f"config.{k}": v for k, v in (m.get("config") or {}).items()})
+        return {k: v for k, v in out.items() if k.split(".")[-1] not in RESUMABLE_CHANGES}
+    # Compare as the file holds them: through JSON, so a tuple here equals a list there.
+    a, b = (json.loads(json.dumps(flat(m), default=str)) for m in (saved, meta))
+    differ = sorted(k for k in set(a) & set(b) if a[k] != b[k])
+    if differ:
+        raise ValueError(f"{source} is a checkpoint of another run: "
+                         + "; ".join(f"{k} is {a[k]!r} there, {b[k]!r} here" for k in differ[:4])
+                         + (f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""))
+
+
 def fit(model, optimizer, x_train, y_train, x_val=None, y_val=None, *, epochs, batch_size=128,
         schedule=None, seed=0, step=dense_step, quiet=False, checkpoint_path=None, resume=None,
-        meta=None):
+        meta=None, label=""):
     """Train ``model`` with ``optimizer`` for ``epochs`` epochs of shuffled mini-batches.
 
     Parameters
@@ -67,11 +94,12 @@ def fit(model, optimizer, x_train, y_train, x_val=None, y_val=None, *, epochs, b
     step : callable ``(model, xb, yb) -> (loss, n_correct, grads)``; ``dense_step`` by default,
         ``minidress.dress.joint_step`` for DRESS
     quiet : bool
-        No progress bar.
+        No progress bar and no epoch lines (the bar is also off when stderr is not a terminal).
     checkpoint_path : path, optional
         Written atomically after every epoch (model, optimizer, history, ``meta``).
     resume : path, optional
-        A checkpoint of this same run to continue from.
+        A checkpoint of this same run to continue from; its metadata must match ``meta``
+        (``check_same_run``).
     meta : dict, optional
         Extra JSON metadata stored in checkpoints (e.g. how to rebuild the model).
 
@@ -84,13 +112,19 @@ def fit(model, optimizer, x_train, y_train, x_val=None, y_val=None, *, epochs, b
     Raises
     ------
     FloatingPointError
-        When the loss becomes NaN or infinite; the message names the epoch and step.
+        When the loss becomes NaN or infinite, or ``DIVERGENCE_FACTOR`` times the first step's;
+        the message names the epoch and step.
     """
-    if epochs < 0 or batch_size < 1:
-        raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
-    history, start = [], 0
+    check_int(epochs, "epochs", 0)
+    check_int(batch_size, "batch_size", 1)
+    if len(x_train) == 0 or len(x_train) != len(y_train):
+        raise ValueError(f"x_train and y_train must hold the same number (>= 1) of examples, "
+                         f"got {len(x_train)} and {len(y_train)}")
+    history, start, first_loss = [], 0, None
     if resume is not None:
-        saved = load_checkpoint(resume, model, optimizer)
+        saved = load_checkpoint(resume)
+        check_same_run(saved, {**(meta or {}), "seed": seed}, resume)
+        load_checkpoint(resume, model, optimizer)
         history = saved["history"]
         start = len(history)
     per_epoch = steps_per_epoch(len(x_train), batch_size)
@@ -99,17 +133,20 @@ def fit(model, optimizer, x_train, y_train, x_val=None, y_val=None, *, epochs, b
         model.train()
         rng = np.random.default_rng([seed, epoch])
         total_loss = total_correct = seen = 0
+        name = f"{label}, epoch {epoch + 1}/{epochs}" if label else f"epoch {epoch + 1}/{epochs}"
         bar = tqdm(iterate_minibatches(x_train, y_train, batch_size, rng), total=per_epoch,
-                   desc=f"epoch {epoch + 1}/{epochs}", disable=quiet, leave=False)
+                   desc=name, disable=quiet or not sys.stderr.isatty(), leave=False)
         for i, (xb, yb) in enumerate(bar):
             global_step = epoch * per_epoch + i
             if schedule is not None:
                 optimizer.lr = schedule(global_step)
             loss, correct, grads = step(model, xb, yb)
-            if not np.isfinite(loss):
+            first_loss = loss if first_loss is None else first_loss
+            if not np.isfinite(loss) or abs(loss) > DIVERGENCE_FACTOR * max(abs(first_loss), 1.0):
                 raise FloatingPointError(
-                    f"loss became {loss} at epoch {epoch + 1}, step {i + 1} (global step "
-                    f"{global_step}); lower the learning rate or check the data for NaN")
+                    f"loss became {loss:.4g} at epoch {epoch + 1}, step {i + 1} (global step "
+                    f"{global_step}), {first_loss:.4g} at the first step: training diverged; lower "
+                    f"the learning rate or check the data for NaN")
             optimizer.step(model.parameters(), grads)
             total_loss += loss * len(yb)
             total_correct += correct
@@ -124,7 +161,7 @@ def fit(model, optimizer, x_train, y_train, x_val=None, y_val=None, *, epochs, b
         history.append(record)
         if not quiet:
             val = f", val acc {record['val_acc']:.4f}" if x_val is not None else ""
-            tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {record['train_loss']:.4f}, "
+            tqdm.write(f"{name}: loss {record['train_loss']:.4f}, "
                        f"train acc {record['train_acc']:.4f}{val} ({record['seconds']:.1f} s)")
         if checkpoint_path is not None:
             save_checkpoint(checkpoint_path, model, optimizer,
