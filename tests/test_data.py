@@ -2,15 +2,25 @@
 
 File loaders are tested on tiny IDX / CIFAR files fabricated in tmp_path,
 with the registry's checksums monkeypatched to match them, and an injected
-``fetch`` (or a file:// URL) standing in for the network.
+``fetch`` (or a file:// URL, or an HTTP server on 127.0.0.1) standing in for
+the network. tests/test_fuzz_data.py reuses the helpers defined here.
 """
 
 import dataclasses
 import gzip
 import hashlib
+import http.client
+import http.server
 import io
+import os
 import pickle
+import pickletools
+import struct
 import tarfile
+import threading
+import time
+import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +29,7 @@ import pytest
 from minidress.data import (
     ChecksumError,
     DataError,
+    DataNotFoundError,
     Dataset,
     Normalizer,
     iterate_minibatches,
@@ -29,15 +40,18 @@ from minidress.data import (
     load_mnist,
     make_moons,
     make_spirals,
+    read_cifar_batch,
     read_idx,
     standardize,
     stratified_split,
     train_val_split,
 )
-from minidress.data import loaders
+from minidress.data import cifar, loaders
 
 REAL_MNIST = Path(__file__).parents[1].parent / "shared/data/mnist"
 IDX_NAMES = [s.name for s in loaders.REGISTRY["mnist"]]
+CIFAR_TAR = "cifar-10-python.tar.gz"
+CIFAR_BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
 
 @pytest.fixture(autouse=True)
@@ -69,27 +83,41 @@ def fake_mnist_arrays(n_train=5, n_test=3, seed=0):
     }
 
 
-def register(monkeypatch, name, files: dict, algorithm="sha256", urls=None):
-    """Replace REGISTRY[name] with digests (and optionally URLs) of `files` {name: bytes}."""
-    specs = tuple(
-        loaders.RemoteFile(n, hashlib.new(algorithm, b).hexdigest(), algorithm,
-                           (urls[n],) if urls else ("https://example.invalid/" + n,))
+def registry_entry(files: dict, algorithm="sha256", urls=None, digest_of="file") -> tuple:
+    """RemoteFiles for `files` {name: bytes}; a content digest is of the gunzipped bytes."""
+    def digest(b):
+        content = gzip.decompress(b) if digest_of == "content" and b[:2] == b"\x1f\x8b" else b
+        return hashlib.new(algorithm, content).hexdigest()
+
+    return tuple(
+        loaders.RemoteFile(n, digest(b), algorithm,
+                           (urls[n],) if urls else ("https://example.invalid/" + n,), digest_of)
         for n, b in files.items()
     )
-    monkeypatch.setitem(loaders.REGISTRY, name, specs)
+
+
+def register(monkeypatch, name, files: dict, algorithm="sha256", urls=None, digest_of="file"):
+    """Replace REGISTRY[name] with digests (and optionally URLs) of `files` {name: bytes}."""
+    monkeypatch.setitem(loaders.REGISTRY, name, registry_entry(files, algorithm, urls, digest_of))
+
+
+def write_files(folder: Path, files: dict) -> Path:
+    """Write {relative path: bytes} under folder; returns folder."""
+    for n, b in files.items():
+        (folder / n).parent.mkdir(parents=True, exist_ok=True)
+        (folder / n).write_bytes(b)
+    return folder
 
 
 @pytest.fixture
 def fake_mnist(tmp_path, monkeypatch):
-    """A folder with four tiny, registered MNIST .gz files. Returns (dir, arrays, bytes)."""
+    """A folder with four tiny MNIST .gz files, registered like the real ones (content digests).
+
+    Returns (dir, arrays, bytes)."""
     arrays = fake_mnist_arrays()
     files = {n: idx_bytes(a) for n, a in arrays.items()}
-    folder = tmp_path / "mnist"
-    folder.mkdir()
-    for n, b in files.items():
-        (folder / n).write_bytes(b)
-    register(monkeypatch, "mnist", files)
-    return folder, arrays, files
+    register(monkeypatch, "mnist", files, digest_of="content")
+    return write_files(tmp_path / "mnist", files), arrays, files
 
 
 class CountingFetch:
@@ -101,6 +129,137 @@ class CountingFetch:
     def __call__(self, url):
         self.calls.append(url)
         return self.files[url.rsplit("/", 1)[-1]]
+
+
+def peak_bytes(fn) -> int:
+    """Peak memory traced while fn() runs (its exception, if any, is swallowed)."""
+    tracemalloc.start()
+    try:
+        fn()
+    except DataError:
+        pass
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+def gzip_bomb(prefix: bytes, zeros: int) -> bytes:
+    """A gzip file of `prefix` then `zeros` zero bytes (a multiple of 1 MiB), built in milliseconds.
+
+    One MiB of zeros is deflated once: after a full flush the compressor starts
+    afresh, so the same compressed block stands for every further MiB.
+    """
+    mib = 1 << 20
+    assert zeros % mib == 0
+    comp = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)  # raw deflate: the gzip framing is ours
+    head = comp.compress(prefix) + comp.flush(zlib.Z_FULL_FLUSH)
+    block = comp.compress(bytes(mib)) + comp.flush(zlib.Z_FULL_FLUSH)
+    assert comp.compress(bytes(mib)) + comp.flush(zlib.Z_FULL_FLUSH) == block
+    crc = zlib.crc32(prefix)
+    for _ in range(zeros // mib):
+        crc = zlib.crc32(bytes(mib), crc)
+    trailer = struct.pack("<II", crc, (len(prefix) + zeros) & 0xFFFFFFFF)
+    return b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\x03" + head + block * (zeros // mib) + comp.flush() + trailer
+
+
+# ---------------------------------------------------------------------------
+# helpers: CIFAR batches pickled as Python 2 did, and tar archives
+# ---------------------------------------------------------------------------
+
+NUMPY_RECONSTRUCT = np.empty(0).__reduce__()[0]
+
+
+class Py2Pickler(pickle._Pickler):
+    """Pickle (protocol 2) as Python 2's cPickle wrote the official CIFAR-10 batches.
+
+    Python 2 had one string type, written as BINSTRING, and its NumPy named the
+    array reconstructor numpy.core.multiarray._reconstruct. Python 3 would write
+    bytes through a _codecs.encode global and use NumPy 2's module name instead.
+    """
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_str(self, obj):
+        raw = obj.encode("latin-1") if isinstance(obj, str) else obj
+        if len(raw) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(raw)) + raw)
+        self.memoize(obj)
+
+    dispatch[bytes] = dispatch[str] = save_py2_str
+
+    def save_global(self, obj, name=None):
+        if obj is NUMPY_RECONSTRUCT:
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
+
+def py2_pickle(obj) -> bytes:
+    buf = io.BytesIO()
+    Py2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
+def pickle_globals(data: bytes) -> set:
+    """The (module, name) globals a protocol-2 pickle refers to."""
+    return {tuple(arg.split(" ", 1)) for op, arg, _ in pickletools.genops(data) if op.name == "GLOBAL"}
+
+
+def cifar_batch(n, seed):
+    """A batch with the keys and types of a genuine one: bytes keys, list labels, uint8 data."""
+    rng = np.random.default_rng(seed)
+    return {b"batch_label": b"training batch 1 of 5",
+            b"labels": rng.integers(0, 10, n).tolist(),
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"filenames": [f"image_{seed}_{i}.png".encode() for i in range(n)]}
+
+
+def make_tar(members: dict, extra=None, gz: bool = True) -> bytes:
+    """tar(.gz) with {member name: bytes}; `extra(tar)` may add odd members."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz" if gz else "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if extra:
+            extra(tar)
+    return buf.getvalue()
+
+
+def cifar_members(batches: dict) -> dict:
+    return {f"cifar-10-batches-py/{n}": py2_pickle(b) for n, b in batches.items()}
+
+
+@pytest.fixture
+def fake_cifar(monkeypatch):
+    """Six tiny registered batches in a tarball. Returns (batches, tarball bytes)."""
+    batches = {n: cifar_batch(3, i) for i, n in enumerate(CIFAR_BATCHES)}
+    tar = make_tar(cifar_members(batches))
+    register(monkeypatch, "cifar10", {CIFAR_TAR: tar}, algorithm="md5")
+    return batches, tar
+
+
+class RunsCommand:
+    """Unpickling this runs a shell command, as a hostile batch would."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+class EvalsCode:
+    def __init__(self, code):
+        self.code = code
+
+    def __reduce__(self):
+        return eval, (self.code,)
 
 
 # ---------------------------------------------------------------------------
@@ -193,18 +352,93 @@ def test_read_idx_errors(tmp_path):
     good = idx_bytes(np.zeros((2, 4, 4), np.uint8), gz=False)
     with pytest.raises(DataError, match=r"truncated.*32 payload bytes, found 31"):
         read_idx(good[:-1], source="imgs.idx")
-    with pytest.raises(DataError, match=r"imgs\.idx.*trailing bytes.*found 33"):
+    with pytest.raises(DataError, match=r"imgs\.idx.*trailing bytes.*32 payload bytes, found more"):
         read_idx(good + b"\x00", source="imgs.idx")
     with pytest.raises(DataError, match="bad IDX magic 0x00000703"):
         read_idx(b"\x00\x00\x07\x03" + good[4:])
     with pytest.raises(DataError, match="bad IDX magic"):
         read_idx(b"\x01" + good[1:])
+    with pytest.raises(DataError, match=r"bad IDX magic 0x00000821.*NN in 1\.\.32"):
+        read_idx(b"\x00\x00\x08\x21" + bytes(4 * 33))  # 33 dims: more than NumPy allows
     with pytest.raises(DataError, match="header"):
         read_idx(good[:6])
     p = tmp_path / "bad.gz"
     p.write_bytes(gzip.compress(good)[:-8] + b"garbage!")
     with pytest.raises(DataError, match=r"bad\.gz.*corrupt gzip"):
         read_idx(p)
+
+
+def test_read_idx_gzip_variants():
+    """Any faithful gzip of the same content reads the same; damage is a one-line DataError."""
+    a = np.arange(200, dtype=np.uint8).reshape(2, 100)
+    raw = idx_bytes(a, gz=False)
+    half = len(raw) // 2
+    for data in (gzip.compress(raw, 9, mtime=0), gzip.compress(raw, 1, mtime=123),
+                 gzip.compress(raw[:half]) + gzip.compress(raw[half:]),  # two members, as `cat` makes
+                 gzip.compress(raw) + bytes(10)):                        # zero padding
+        np.testing.assert_array_equal(read_idx(data), a)
+    stream = loaders._GzipStream(gzip.compress(b"ab") + bytes(3), "padded.gz")
+    assert [stream.read(10), stream.read(10), stream.read(1)] == [b"ab", b"", b""]  # the end stays the end
+    good = gzip.compress(raw)
+    with pytest.raises(DataError, match="trailing garbage after the gzip stream"):
+        read_idx(good + b"junk")
+    with pytest.raises(DataError, match="gzip stream is truncated"):
+        read_idx(good[:-4])  # the length field of the trailer is missing
+    crc_flipped = good[:-8] + bytes([good[-8] ^ 1]) + good[-7:]
+    with pytest.raises(DataError, match="corrupt gzip stream.*incorrect data check"):
+        read_idx(crc_flipped)
+
+
+# ---------------------------------------------------------------------------
+# size caps: decompression, files, IDX headers (defect 2)
+# ---------------------------------------------------------------------------
+
+def test_read_idx_checks_declared_shape_before_allocating():
+    # 0x00000803 with shape (2**32-1)^3: 8e28 bytes, from a 16-byte header
+    huge = b"\x00\x00\x08\x03" + b"\xff" * 12
+    for data in (huge, gzip.compress(huge)):
+        with pytest.raises(DataError, match=r"declares shape \(4294967295, 4294967295, 4294967295\).*"
+                                            r"more than the cap of \d+ bytes \(MAX_DECOMPRESSED_BYTES\)"):
+            read_idx(data, source="huge.idx")
+    labels = idx_bytes(np.zeros(100, np.uint8), gz=False)
+    with pytest.raises(DataError, match="100 payload bytes, 108 with the header: more than the cap of 50 bytes"):
+        read_idx(labels, max_bytes=50)
+    assert read_idx(labels, max_bytes=108).shape == (100,)
+
+
+def test_gzip_bomb_stops_at_the_declared_size():
+    # header says 10 labels; the stream then holds 64 MiB of zeros: reading stops after 11 bytes
+    bomb = gzip_bomb(idx_bytes(np.zeros(10, np.uint8), gz=False), 64 << 20)
+    assert len(bomb) < 100_000
+    with pytest.raises(DataError, match="trailing bytes: header says shape \\(10,\\)"):
+        read_idx(bomb, source="bomb.gz")
+    assert peak_bytes(lambda: read_idx(bomb)) < 4 << 20
+
+
+def test_gunzip_cap_and_module_constant(monkeypatch):
+    bomb = gzip_bomb(b"", 8 << 20)
+    with pytest.raises(DataError, match=r"bomb\.gz: gzip stream decompresses to at least 1048577 bytes, "
+                                        r"more than the cap of 1048576 bytes"):
+        loaders.gunzip(bomb, max_bytes=1 << 20, source="bomb.gz")
+    assert peak_bytes(lambda: loaders.gunzip(bomb, max_bytes=1 << 20)) < 4 << 20
+    assert loaders.gunzip(bomb, max_bytes=8 << 20) == bytes(8 << 20)
+    monkeypatch.setattr(loaders, "MAX_DECOMPRESSED_BYTES", 1000)  # read at call time
+    with pytest.raises(DataError, match="cap of 1000 bytes"):
+        loaders.gunzip(bomb)
+    with pytest.raises(ValueError, match="max_bytes must be an int >= 0, got -1"):
+        loaders.gunzip(bomb, max_bytes=-1)
+
+
+def test_mnist_loader_refuses_bomb_and_oversized_file(fake_mnist, monkeypatch):
+    folder, _, _ = fake_mnist
+    (folder / IDX_NAMES[1]).write_bytes(gzip_bomb(b"", 4 << 20))
+    monkeypatch.setattr(loaders, "MAX_DECOMPRESSED_BYTES", 1 << 20)
+    with pytest.raises(DataError, match=f"{IDX_NAMES[1]}: gzip stream decompresses to at least"):
+        load_mnist(folder)
+    assert peak_bytes(lambda: load_mnist(folder)) < 4 << 20
+    monkeypatch.setattr(loaders, "MAX_FILE_BYTES", 100)
+    with pytest.raises(DataError, match=rf"{IDX_NAMES[0]}: file has \d+ bytes, more than the cap of 100"):
+        load_mnist(folder)
 
 
 # ---------------------------------------------------------------------------
@@ -223,20 +457,35 @@ def test_load_mnist_from_data_dir(fake_mnist, isolated_cache):
     assert not isolated_cache.exists()  # reading from data_dir writes nothing
 
 
-def test_load_mnist_accepts_uncompressed_files(fake_mnist):
+def test_load_mnist_accepts_uncompressed_and_regzipped_files(fake_mnist):
     folder, arrays, _ = fake_mnist
     for n, a in arrays.items():
         (folder / n).unlink()
         (folder / n[:-3]).write_bytes(idx_bytes(a, gz=False))
-    ds = load_mnist(folder, download=False)
+    ds = load_mnist(folder)
     np.testing.assert_array_equal(ds.y_train, arrays[IDX_NAMES[1]])
+    for n, a in arrays.items():  # as Debian re-gzips: other level, no name, another mtime
+        (folder / n[:-3]).unlink()
+        (folder / n).write_bytes(gzip.compress(idx_bytes(a, gz=False), compresslevel=9, mtime=0))
+    np.testing.assert_array_equal(load_mnist(folder).x_test, ds.x_test)
+
+
+def test_uncompressed_file_with_a_changed_label_is_refused(fake_mnist):
+    """Defect 3: uncompressed files used to load without any check."""
+    folder, arrays, _ = fake_mnist
+    labels = arrays[IDX_NAMES[3]].copy()
+    labels[0] = (labels[0] + 1) % 10
+    (folder / IDX_NAMES[3]).unlink()
+    (folder / IDX_NAMES[3][:-3]).write_bytes(idx_bytes(labels, gz=False))
+    with pytest.raises(ChecksumError, match=r"t10k-labels-idx1-ubyte\.gz \(.*t10k-labels-idx1-ubyte\): "
+                                            r"expected sha256 \w+ of the decompressed content"):
+        load_mnist(folder)
 
 
 def test_load_mnist_uses_cache_dir(fake_mnist, isolated_cache):
     folder, arrays, _ = fake_mnist
-    folder.rename(isolated_cache.parent / "moved")
     isolated_cache.mkdir()
-    (isolated_cache.parent / "moved").rename(isolated_cache / "mnist")
+    folder.rename(isolated_cache / "mnist")
     ds = load_mnist(download=False)
     np.testing.assert_array_equal(ds.y_train, arrays[IDX_NAMES[1]])
 
@@ -245,12 +494,12 @@ def test_wrong_checksum_names_file(fake_mnist):
     folder, arrays, files = fake_mnist
     other = idx_bytes(arrays[IDX_NAMES[1]][::-1].copy())
     (folder / IDX_NAMES[1]).write_bytes(other)
-    expected = hashlib.sha256(files[IDX_NAMES[1]]).hexdigest()
-    got = hashlib.sha256(other).hexdigest()
+    expected = hashlib.sha256(gzip.decompress(files[IDX_NAMES[1]])).hexdigest()
+    got = hashlib.sha256(gzip.decompress(other)).hexdigest()
     with pytest.raises(ChecksumError) as e:
         load_mnist(folder, download=False)
     msg = str(e.value)
-    assert IDX_NAMES[1] in msg and expected in msg and got in msg
+    assert IDX_NAMES[1] in msg and expected in msg and got in msg and "\n" not in msg
     assert isinstance(e.value, ValueError)
 
 
@@ -263,20 +512,23 @@ def test_sha256sums_file_is_checked(fake_mnist):
     (folder / "SHA256SUMS").write_text("\n".join(lines) + "\n")
     with pytest.raises(ChecksumError, match=f"{IDX_NAMES[2]}.*SHA256SUMS"):
         load_mnist(folder, download=False)
+    (folder / "SHA256SUMS").write_bytes(b"\xff\xfe not text")
+    with pytest.raises(DataError, match="SHA256SUMS: expected UTF-8 text"):
+        load_mnist(folder, download=False)
 
 
 def _register_and_write(folder, monkeypatch, name, data):
     """Write data under name and register its digest, so only parsing can fail."""
     (folder / name).write_bytes(data)
     files = {n: (folder / n).read_bytes() for n in IDX_NAMES}
-    register(monkeypatch, "mnist", files)
+    register(monkeypatch, "mnist", files, digest_of="content")
 
 
 @pytest.mark.parametrize(
     "mutate, pattern",
     [
         (lambda raw: raw[:-5], r"train-images.*truncated.*3920 payload bytes, found 3915"),
-        (lambda raw: raw + b"xyz", r"train-images.*trailing bytes.*found 3923"),
+        (lambda raw: raw + b"xyz", r"train-images.*trailing bytes.*3920 payload bytes, found more"),
         (lambda raw: b"\x00\x00\x07\x03" + raw[4:], r"train-images.*bad IDX magic 0x00000703"),
         (lambda raw: raw[:3] + b"\x02" + raw[4:], r"train-images.*bad IDX magic 0x00000802.*0x00000803"),
     ],
@@ -290,11 +542,10 @@ def test_malformed_idx_in_loader(fake_mnist, monkeypatch, mutate, pattern):
         load_mnist(folder, download=False)
 
 
-def test_corrupt_gzip_in_loader(fake_mnist, monkeypatch):
+def test_corrupt_gzip_in_loader(fake_mnist):
     folder, _, files = fake_mnist
-    broken = files[IDX_NAMES[2]][:40]  # a gzip stream cut short
-    _register_and_write(folder, monkeypatch, IDX_NAMES[2], broken)
-    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte\.gz.*corrupt gzip"):
+    (folder / IDX_NAMES[2]).write_bytes(files[IDX_NAMES[2]][:40])  # a gzip stream cut short
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte\.gz.*gzip stream is truncated"):
         load_mnist(folder, download=False)
 
 
@@ -310,20 +561,51 @@ def test_label_range_and_count_mismatch(fake_mnist, monkeypatch):
         load_mnist(folder, download=False)
 
 
+def test_unreadable_file_is_a_data_error(fake_mnist):
+    folder, _, _ = fake_mnist
+    with pytest.raises(DataError, match=r"cannot read the file \(Is a directory\)"):
+        loaders.read_capped(folder)
+
+
+# ---------------------------------------------------------------------------
+# where files are looked for (defect 5)
+# ---------------------------------------------------------------------------
+
 def test_missing_files_without_download(tmp_path, fake_mnist):
     folder, _, _ = fake_mnist
     (folder / IDX_NAMES[3]).unlink()
     with pytest.raises(FileNotFoundError) as e:
         load_mnist(folder, download=False)
-    assert IDX_NAMES[3] in str(e.value) and "download=True" in str(e.value)
-    with pytest.raises(FileNotFoundError, match="train-images"):
+    assert isinstance(e.value, DataNotFoundError) and isinstance(e.value, ValueError)
+    msg = str(e.value)
+    assert "t10k-labels-idx1-ubyte.gz or t10k-labels-idx1-ubyte" in msg and str(folder) in msg
+    assert "download=True" in msg and "\n" not in msg
+    with pytest.raises(DataNotFoundError, match="train-images"):
         load_mnist(tmp_path / "empty", download=False)
+
+
+def test_explicit_data_dir_never_falls_back_to_cache_or_download(tmp_path, fake_mnist, isolated_cache):
+    """Defect 5: a wrong --data-dir used to be replaced silently by the cache or a download."""
+    folder, _, files = fake_mnist
+    write_files(isolated_cache / "mnist", files)  # a complete cache that must not be used
+    fetch = CountingFetch(files)
+    wrong = tmp_path / "typo"
+    with pytest.raises(DataNotFoundError) as e:
+        load_mnist(wrong, fetch=fetch)
+    msg = str(e.value)
+    assert f"looked in {wrong} (no such folder);" in msg
+    assert all(n in msg for n in IDX_NAMES) and str(isolated_cache) in msg  # named as the way out
+    assert fetch.calls == []
+    ds = load_mnist(wrong, download=True, fetch=fetch)  # explicitly allowed: cache, no download
+    assert ds.x_train.shape == (5, 1, 28, 28) and fetch.calls == []
+    with pytest.raises(DataNotFoundError, match="download=True"):
+        load_dataset("mnist", data_dir=wrong)  # what --data-dir does
 
 
 def test_download_with_injected_fetch_fills_cache(fake_mnist, isolated_cache):
     _, arrays, files = fake_mnist
     fetch = CountingFetch(files)
-    ds = load_mnist(download=True, fetch=fetch)
+    ds = load_mnist(fetch=fetch)  # no data_dir: cache, then download
     assert len(fetch.calls) == 4
     for n, b in files.items():
         assert (isolated_cache / "mnist" / n).read_bytes() == b
@@ -338,20 +620,21 @@ def test_download_only_missing_files(fake_mnist, isolated_cache):
     folder, _, files = fake_mnist
     (folder / IDX_NAMES[0]).unlink()
     fetch = CountingFetch(files)
-    load_mnist(folder, fetch=fetch)
+    load_mnist(folder, download=True, fetch=fetch)
     assert [u.rsplit("/", 1)[-1] for u in fetch.calls] == [IDX_NAMES[0]]
     assert (isolated_cache / "mnist" / IDX_NAMES[0]).is_file()
     assert not (folder / IDX_NAMES[0]).exists()  # data_dir is never written
 
 
+# ---------------------------------------------------------------------------
+# downloads (defects 2 and 4)
+# ---------------------------------------------------------------------------
+
 def test_download_via_file_url_default_fetch(tmp_path, monkeypatch, isolated_cache):
     arrays = fake_mnist_arrays(seed=1)
-    src = tmp_path / "mirror"
-    src.mkdir()
     files = {n: idx_bytes(a) for n, a in arrays.items()}
-    for n, b in files.items():
-        (src / n).write_bytes(b)
-    register(monkeypatch, "mnist", files, urls={n: (src / n).as_uri() for n in files})
+    src = write_files(tmp_path / "mirror", files)
+    register(monkeypatch, "mnist", files, urls={n: (src / n).as_uri() for n in files}, digest_of="content")
     ds = load_mnist()  # default fetch, file:// URLs
     np.testing.assert_array_equal(ds.y_test, arrays[IDX_NAMES[3]])
     assert (isolated_cache / "mnist" / IDX_NAMES[0]).read_bytes() == files[IDX_NAMES[0]]
@@ -361,7 +644,10 @@ def test_fetch_with_wrong_bytes_writes_nothing(fake_mnist, isolated_cache):
     _, _, files = fake_mnist
     evil = dict(files)
     good = files[IDX_NAMES[0]]
-    evil[IDX_NAMES[0]] = good[:-1] + bytes([good[-1] ^ 0xFF])  # one flipped byte
+    evil[IDX_NAMES[0]] = good[:-1] + bytes([good[-1] ^ 0xFF])  # one flipped byte (gzip trailer)
+    with pytest.raises(DataError, match=f"{IDX_NAMES[0]}.*corrupt gzip stream"):
+        load_mnist(fetch=CountingFetch(evil))
+    evil[IDX_NAMES[0]] = idx_bytes(fake_mnist_arrays(seed=9)[IDX_NAMES[0]])  # valid, other content
     with pytest.raises(ChecksumError, match=f"{IDX_NAMES[0]}.*expected sha256"):
         load_mnist(fetch=CountingFetch(evil))
     written = list((isolated_cache / "mnist").glob("*")) if isolated_cache.exists() else []
@@ -369,15 +655,22 @@ def test_fetch_with_wrong_bytes_writes_nothing(fake_mnist, isolated_cache):
     assert not [p for p in written if p.name.endswith(".tmp")]
 
 
+def _with_mirrors(monkeypatch, name, *prefixes):
+    """Give every file of REGISTRY[name] extra mirrors in front of its own URL."""
+    specs = tuple(dataclasses.replace(s, urls=tuple(p + s.name for p in prefixes) + s.urls)
+                  for s in loaders.REGISTRY[name])
+    monkeypatch.setitem(loaders.REGISTRY, name, specs)
+
+
 def test_mirror_fallback_and_all_mirrors_failing(fake_mnist, monkeypatch, isolated_cache):
     _, _, files = fake_mnist
-    specs = tuple(dataclasses.replace(s, urls=("https://down.invalid/" + s.name,) + s.urls)
-                  for s in loaders.REGISTRY["mnist"])
-    monkeypatch.setitem(loaders.REGISTRY, "mnist", specs)
+    _with_mirrors(monkeypatch, "mnist", "https://down.invalid/", "https://short.invalid/")
 
     def flaky(url):
         if "down.invalid" in url:
             raise OSError("connection refused")
+        if "short.invalid" in url:  # defect 4: this used to escape and skip the other mirrors
+            raise http.client.IncompleteRead(b"partial", 1000)
         return files[url.rsplit("/", 1)[-1]]
 
     load_mnist(fetch=flaky)
@@ -387,8 +680,80 @@ def test_mirror_fallback_and_all_mirrors_failing(fake_mnist, monkeypatch, isolat
         raise OSError("no network")
 
     monkeypatch.setenv("MINIDRESS_DATA", str(isolated_cache.parent / "other"))
-    with pytest.raises(DataError, match="(?s)could not download train-images.*no network"):
+    with pytest.raises(DataError) as e:
         load_mnist(fetch=dead)
+    msg = str(e.value)
+    assert msg.startswith("could not download train-images-idx3-ubyte.gz from any of its 3 mirror(s)")
+    assert "https://down.invalid/train-images-idx3-ubyte.gz: OSError: no network" in msg
+    assert "\n" not in msg and not isinstance(e.value, ChecksumError)
+
+
+class _Server(http.server.BaseHTTPRequestHandler):
+    """Serves BODY: whole, cut short, too big without announcing it, or a byte at a time."""
+
+    BODY = bytes(range(256)) * 40
+
+    def do_GET(self):
+        self.send_response(200)
+        if self.path == "/unannounced":
+            self.end_headers()  # HTTP/1.0: the body ends when the connection closes
+            self.wfile.write(self.BODY * 10)
+            return
+        if self.path != "/slow":
+            self.send_header("Content-Length", str(len(self.BODY)))
+        self.end_headers()
+        if self.path == "/ok":
+            self.wfile.write(self.BODY)
+        elif self.path == "/short":
+            self.wfile.write(self.BODY[:1000])
+        elif self.path == "/slow":
+            for _ in range(100):  # bounded: at most 5 s, and it stops when the client hangs up
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.05)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def local_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Server)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_default_fetch_caps_size_time_and_checks_length(local_server):
+    body = _Server.BODY
+    assert loaders.default_fetch(local_server + "/ok") == body
+    with pytest.raises(DataError, match=rf"/ok: server announces {len(body)} bytes, more than the cap of 100"):
+        loaders.default_fetch(local_server + "/ok", max_bytes=100)
+    with pytest.raises(DataError, match=r"/unannounced: download reached \d+ bytes, more than the cap of 20000"):
+        loaders.default_fetch(local_server + "/unannounced", max_bytes=20_000)
+    with pytest.raises(DataError, match=rf"/short: download truncated: got 1000 bytes, the server announced {len(body)}"):
+        loaders.default_fetch(local_server + "/short")
+    start = time.monotonic()
+    with pytest.raises(DataError, match=r"/slow: download still running after .* within 0.3 s"):
+        loaders.default_fetch(local_server + "/slow", deadline=0.3, timeout=2.0)
+    assert time.monotonic() - start < 2.0  # each read is short; the deadline covers the whole transfer
+
+
+def test_truncated_download_tries_the_next_mirror(local_server, monkeypatch, isolated_cache):
+    body = _Server.BODY
+    spec = loaders.RemoteFile("payload.bin", hashlib.sha256(body).hexdigest(), "sha256",
+                              (local_server + "/short", local_server + "/ok"))
+    assert loaders.download_file(spec, isolated_cache) == body
+    assert (isolated_cache / "payload.bin").read_bytes() == body
+    only_short = dataclasses.replace(spec, urls=(local_server + "/short",))
+    with pytest.raises(DataError, match="/short: DataError: .*download truncated"):
+        loaders.download_file(only_short, isolated_cache / "other")
 
 
 def test_fashion_mnist_uses_md5(tmp_path, monkeypatch):
@@ -404,52 +769,54 @@ def test_fashion_mnist_uses_md5(tmp_path, monkeypatch):
         load_fashion_mnist(fetch=CountingFetch(bad))
 
 
+def test_fashion_mnist_copies_that_cannot_be_checked_are_refused(tmp_path, monkeypatch):
+    """Only the .gz digests are published, so re-gzipped or uncompressed copies cannot be verified."""
+    arrays = fake_mnist_arrays(seed=3)
+    files = {n: idx_bytes(a) for n, a in arrays.items()}
+    register(monkeypatch, "fashion_mnist", files, algorithm="md5")
+    folder = write_files(tmp_path / "fashion", files)
+    raw = idx_bytes(arrays[IDX_NAMES[1]], gz=False)
+    (folder / IDX_NAMES[1]).write_bytes(gzip.compress(raw, compresslevel=9, mtime=0))
+    with pytest.raises(ChecksumError, match="Only this exact published .gz is accepted"):
+        load_fashion_mnist(folder)
+    (folder / IDX_NAMES[1]).unlink()
+    (folder / IDX_NAMES[1][:-3]).write_bytes(raw)
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte: only the digest of the compressed "
+                                        r"train-labels-idx1-ubyte\.gz is published"):
+        load_fashion_mnist(folder)
+
+
 def test_registry_has_upstream_digests():
     mnist = {s.name: s for s in loaders.REGISTRY["mnist"]}
-    assert mnist["train-images-idx3-ubyte.gz"].digest.startswith("440fcabf")
-    assert all(s.algorithm == "sha256" and len(s.digest) == 64 for s in mnist.values())
-    assert all(s.algorithm == "md5" for s in loaders.REGISTRY["fashion_mnist"])
+    assert mnist["train-images-idx3-ubyte.gz"].digest.startswith("ba891046")
+    assert mnist["t10k-labels-idx1-ubyte.gz"].digest.startswith("ff7bcfd4")
+    assert all(s.algorithm == "sha256" and len(s.digest) == 64 and s.digest_of == "content"
+               for s in mnist.values())
+    assert all(s.algorithm == "md5" and s.digest_of == "file" for s in loaders.REGISTRY["fashion_mnist"])
     assert loaders.REGISTRY["cifar10"][0].digest == "c58f30108f718f92721af3b95e74349a"
+    with pytest.raises(ValueError, match="digest_of must be 'file' or 'content', got 'gz'"):
+        loaders.RemoteFile("x", "0", "md5", (), "gz")
 
 
 # ---------------------------------------------------------------------------
 # CIFAR-10 on a fabricated tarball
 # ---------------------------------------------------------------------------
 
-CIFAR_BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+def test_fake_batch_is_pickled_like_the_official_one():
+    """The fixture's batches use exactly the globals (and opcodes) of Python 2's batches."""
+    data = py2_pickle(cifar_batch(3, 0))
+    assert pickle_globals(data) == {("numpy.core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
+                                    ("numpy", "dtype")}
+    ops = {op.name for op, _, _ in pickletools.genops(data)}
+    assert {"SHORT_BINSTRING", "BINSTRING"} <= ops and not ops & {"BINUNICODE", "SHORT_BINBYTES"}
+    x, y = read_cifar_batch(data, "fake")
+    np.testing.assert_array_equal(x.reshape(3, -1), cifar_batch(3, 0)[b"data"])
+    assert y.tolist() == cifar_batch(3, 0)[b"labels"]
 
 
-def cifar_batch(n, seed):
-    rng = np.random.default_rng(seed)
-    return {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            b"labels": rng.integers(0, 10, n).tolist(),
-            b"batch_label": b"fake"}
-
-
-def make_tar(members: dict, extra=None) -> bytes:
-    """tar.gz with {member name: bytes}; `extra(tar)` may add odd members."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        if extra:
-            extra(tar)
-    return buf.getvalue()
-
-
-@pytest.fixture
-def fake_cifar(monkeypatch):
-    batches = {n: cifar_batch(3, i) for i, n in enumerate(CIFAR_BATCHES)}
-    tar = make_tar({f"cifar-10-batches-py/{n}": pickle.dumps(b) for n, b in batches.items()})
-    register(monkeypatch, "cifar10", {"cifar-10-python.tar.gz": tar}, algorithm="md5")
-    return batches, tar
-
-
-def test_cifar10_download_extract_and_cache(fake_cifar, isolated_cache):
+def test_cifar10_download_and_cache(fake_cifar, isolated_cache):
     batches, tar = fake_cifar
-    fetch = CountingFetch({"cifar-10-python.tar.gz": tar})
+    fetch = CountingFetch({CIFAR_TAR: tar})
     ds = load_cifar10(fetch=fetch)
     assert ds.x_train.shape == (15, 3, 32, 32) and ds.x_test.shape == (3, 3, 32, 32)
     assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int64
@@ -457,70 +824,153 @@ def test_cifar10_download_extract_and_cache(fake_cifar, isolated_cache):
     np.testing.assert_allclose(ds.x_train[0, 0].ravel(), first[:1024] / 255.0, rtol=1e-6)
     np.testing.assert_allclose(ds.x_train[0, 2, 31, 31], first[-1] / 255.0, rtol=1e-6)
     np.testing.assert_array_equal(ds.y_test, batches["test_batch"][b"labels"])
-    assert (isolated_cache / "cifar10" / "cifar-10-batches-py" / "test_batch").is_file()
-    assert not [p for p in (isolated_cache / "cifar10").iterdir() if p.name.startswith(".")]
+    assert sorted(p.name for p in (isolated_cache / "cifar10").iterdir()) == [CIFAR_TAR]  # nothing extracted
     load_cifar10(fetch=fetch)
     assert len(fetch.calls) == 1
 
 
-def test_cifar10_from_data_dir_folder_and_tarball(fake_cifar, tmp_path, isolated_cache):
+def test_cifar10_verifies_the_tarball_on_every_load(fake_cifar, isolated_cache):
+    """Defect 1: the extracted folder in the cache used to be trusted forever."""
     batches, tar = fake_cifar
-    folder = tmp_path / "mine" / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    for n, b in batches.items():
-        (folder / n).write_bytes(pickle.dumps(b))
-    ds = load_cifar10(tmp_path / "mine", download=False)
-    assert ds.x_train.shape == (15, 3, 32, 32)
-    assert not isolated_cache.exists()
-    only_tar = tmp_path / "tar_only"
-    only_tar.mkdir()
-    (only_tar / "cifar-10-python.tar.gz").write_bytes(tar)
-    ds2 = load_cifar10(only_tar, download=False)  # extracted into the cache, not into only_tar
-    np.testing.assert_array_equal(ds2.x_test, ds.x_test)
-    assert sorted(p.name for p in only_tar.iterdir()) == ["cifar-10-python.tar.gz"]
+    load_cifar10(fetch=CountingFetch({CIFAR_TAR: tar}))
+    # what an old minidress left in the cache, since tampered with: never read
+    stale = write_files(isolated_cache / "cifar10" / "cifar-10-batches-py",
+                        {n: py2_pickle(cifar_batch(3, 99)) for n in CIFAR_BATCHES})
+    ds = load_cifar10(download=False)
+    np.testing.assert_array_equal(ds.y_test, batches["test_batch"][b"labels"])
+    assert stale.is_dir()
+    cached = isolated_cache / "cifar10" / CIFAR_TAR
+    cached.write_bytes(tar[:-1] + bytes([tar[-1] ^ 1]))
+    with pytest.raises(ChecksumError, match=f"{CIFAR_TAR}.*expected md5"):
+        load_cifar10(download=False)
+
+
+def test_cifar10_from_data_dir(fake_cifar, tmp_path, isolated_cache):
+    batches, tar = fake_cifar
+    mine = write_files(tmp_path / "mine", {CIFAR_TAR: tar})
+    ds = load_cifar10(mine)
+    np.testing.assert_array_equal(ds.y_test, batches["test_batch"][b"labels"])
+    assert sorted(p.name for p in mine.iterdir()) == [CIFAR_TAR] and not isolated_cache.exists()
+    folder_only = write_files(tmp_path / "folder", cifar_members(batches))
+    with pytest.raises(DataNotFoundError, match=r"cannot find cifar-10-python\.tar\.gz.*An extracted "
+                                                r"cifar-10-batches-py/ .* only the tarball has a published digest"):
+        load_cifar10(folder_only)
 
 
 def test_cifar10_errors(fake_cifar, tmp_path, monkeypatch):
     batches, tar = fake_cifar
-    with pytest.raises(FileNotFoundError, match="cifar-10-python.tar.gz"):
-        load_cifar10(tmp_path / "nothing", download=False)
+    with pytest.raises(DataNotFoundError, match="cifar-10-python.tar.gz"):
+        load_cifar10(tmp_path / "nothing")
     with pytest.raises(ChecksumError, match="cifar-10-python.tar.gz"):
         load_cifar10(fetch=lambda url: tar + b"\x00")
-    folder = tmp_path / "bad" / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    for n, b in batches.items():
-        (folder / n).write_bytes(pickle.dumps(b))
-    bad = {**batches["data_batch_3"], b"data": np.zeros((3, 3000), np.uint8)}
-    (folder / "data_batch_3").write_bytes(pickle.dumps(bad))
-    with pytest.raises(DataError, match=r"data_batch_3.*uint8 \[N, 3072\]"):
-        load_cifar10(folder.parent, download=False)
-    (folder / "data_batch_3").write_bytes(pickle.dumps({b"labels": []}))
-    with pytest.raises(DataError, match="data_batch_3.*b'data'"):
-        load_cifar10(folder.parent, download=False)
-    (folder / "data_batch_3").write_bytes(b"not a pickle")
-    with pytest.raises(DataError, match="data_batch_3.*not a readable CIFAR pickle"):
-        load_cifar10(folder.parent, download=False)
 
+    def load_with(name, data):
+        members = {**cifar_members(batches), f"cifar-10-batches-py/{name}": data}
+        folder = write_files(tmp_path / "bad", {CIFAR_TAR: make_tar(members)})
+        register(monkeypatch, "cifar10", {CIFAR_TAR: (folder / CIFAR_TAR).read_bytes()}, algorithm="md5")
+        return load_cifar10(folder)
+
+    bad = {**batches["data_batch_3"], b"data": np.zeros((3, 3000), np.uint8)}
+    with pytest.raises(DataError, match=r"data_batch_3: b'data' must be uint8 \[N, 3072\], got uint8 \(3, 3000\)"):
+        load_with("data_batch_3", py2_pickle(bad))
+    with pytest.raises(DataError, match="data_batch_3: expected a dict with keys b'data'"):
+        load_with("data_batch_3", py2_pickle({b"labels": []}))
+    with pytest.raises(DataError, match="data_batch_3: not a readable CIFAR-10 batch"):
+        load_with("data_batch_3", b"not a pickle")
+    bad = {**batches["test_batch"], b"labels": [0, 1, 10]}
+    with pytest.raises(DataError, match=r"test_batch: labels must be in 0\.\.9, found 0\.\.10"):
+        load_with("test_batch", py2_pickle(bad))
+    members = cifar_members(batches)
+    del members["cifar-10-batches-py/data_batch_4"]
+    register(monkeypatch, "cifar10", {CIFAR_TAR: make_tar(members)}, algorithm="md5")
+    with pytest.raises(DataError, match=r"archive has no file \['cifar-10-batches-py/data_batch_4'\]"):
+        load_cifar10(fetch=lambda url: make_tar(members))
+
+
+@pytest.mark.parametrize("make", [
+    lambda marker: RunsCommand(f"touch {marker}"),
+    lambda marker: EvalsCode(f"open({str(marker)!r}, 'w')"),
+    lambda marker: {b"data": RunsCommand(f"touch {marker}"), b"labels": []},
+], ids=["os.system", "eval", "inside_the_dict"])
+def test_hostile_batch_never_runs(tmp_path, make, monkeypatch):
+    """Defect 1: a plain pickle.load ran whatever the batch's __reduce__ named."""
+    marker = tmp_path / "ran"
+    hostile = make(marker)
+    for data in (py2_pickle(hostile), pickle.dumps(hostile)):  # as Python 2 and 3 write them
+        with pytest.raises(DataError, match=r"evil: not a readable CIFAR-10 batch \(UnpicklingError: "
+                                            r"refusing global (posix\.system|(__builtin__|builtins)\.eval)"):
+            read_cifar_batch(data, "evil")
+    assert not marker.exists()
+    batches = {n: cifar_batch(3, i) for i, n in enumerate(CIFAR_BATCHES)}
+    members = {**cifar_members(batches), "cifar-10-batches-py/data_batch_2": py2_pickle(hostile)}
+    tar = make_tar(members)
+    register(monkeypatch, "cifar10", {CIFAR_TAR: tar}, algorithm="md5")
+    with pytest.raises(DataError, match="data_batch_2: not a readable CIFAR-10 batch"):
+        load_cifar10(fetch=lambda url: tar)
+    assert not marker.exists()
+
+
+def test_batch_reader_survives_a_pickle_that_crashes_the_c_unpickler():
+    """A dict key nested 150000 tuples deep: pickle.loads overflows the C stack hashing it (a
+    segfault, here at 150 kB of input); the batch reader refuses tuple keys before hashing."""
+    deep_key = b"\x80\x02})" + b"\x85" * 150_000 + b"K\x01s."
+    with pytest.raises(DataError, match="deep: not a readable .* dict keys must be strings or ints, got tuple"):
+        read_cifar_batch(deep_key, "deep")
+
+
+def test_batch_stand_ins_refuse_what_numpy_would_allocate_or_interpret():
+    def batch_with(data):
+        return py2_pickle({b"data": data, b"labels": []})
+
+    class CraftedReconstruct:  # _reconstruct asked for a 10**12-element array
+        def __reduce__(self):
+            return NUMPY_RECONSTRUCT, (np.ndarray, (10**12,), b"b")
+
+    with pytest.raises(DataError, match="_reconstruct must be called as in a NumPy array pickle"):
+        read_cifar_batch(batch_with(CraftedReconstruct()))
+    with pytest.raises(DataError, match="dtype 'O8' .* is not a plain number type"):
+        read_cifar_batch(pickle.dumps({b"data": np.array([None]), b"labels": []}, protocol=4))
+    re_pickled = pickle.dumps(cifar_batch(2, 0), protocol=4)  # NumPy 2 names, Python 3 opcodes
+    assert read_cifar_batch(re_pickled)[0].shape == (2, 3, 32, 32)
+    with pytest.raises(DataError, match="refusing global _codecs.encode"):
+        read_cifar_batch(pickle.dumps(cifar_batch(2, 0), protocol=2))  # Python 3's protocol 2
+
+
+# ---------------------------------------------------------------------------
+# tar members (defects 1 and 4)
+# ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["/etc/evil", "../evil", "cifar-10-batches-py/../../evil"])
-def test_safe_extract_rejects_escaping_paths(tmp_path, name):
+def test_tar_rejects_escaping_paths(name):
     tar = make_tar({"ok.txt": b"fine", name: b"evil"})
-    with pytest.raises(DataError, match="unsafe member path"):
-        loaders.safe_extract(tar, tmp_path / "dest", source="t.tar.gz")
-    assert not (tmp_path / "evil").exists()
-    assert not (tmp_path / "dest" / "ok.txt").exists()  # all-or-nothing
+    with pytest.raises(DataError, match="t.tar.gz: refusing unsafe member path"):
+        cifar.read_tar_members(tar, ["ok.txt"], source="t.tar.gz")
 
 
-def test_safe_extract_rejects_symlinks(tmp_path):
-    def add_link(tar):
-        info = tarfile.TarInfo("cifar-10-batches-py/link")
-        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
-        tar.addfile(info)
+def test_tar_rejects_links_and_clashing_names():
+    def add_link(kind, target):
+        def extra(tar):
+            info = tarfile.TarInfo("cifar-10-batches-py/link")
+            info.type, info.linkname = kind, target
+            tar.addfile(info)
+        return extra
 
-    with pytest.raises(DataError, match="not a plain file"):
-        loaders.safe_extract(make_tar({"a": b"1"}, extra=add_link), tmp_path)
+    for kind, target in ((tarfile.SYMTYPE, "/etc/passwd"), (tarfile.LNKTYPE, "a")):
+        with pytest.raises(DataError, match="'cifar-10-batches-py/link': not a plain file or folder"):
+            cifar.read_tar_members(make_tar({"a": b"1"}, extra=add_link(kind, target)), ["a"])
+    twice = make_tar({"a/b": b"1"}, extra=lambda tar: tar.addfile(tarfile.TarInfo("./a//b")))
+    with pytest.raises(DataError, match=r"member name './a//b' appears twice"):
+        cifar.read_tar_members(twice, ["a/b"])
+    # defect 4: extracting this used to raise a raw NotADirectoryError
+    clash = make_tar({"cifar-10-batches-py": b"a file", "cifar-10-batches-py/test_batch": b"2"})
+    with pytest.raises(DataError, match="member 'cifar-10-batches-py/test_batch' needs "
+                                        "'cifar-10-batches-py' as a folder"):
+        cifar.read_tar_members(clash, ["cifar-10-batches-py/test_batch"])
+    with pytest.raises(DataError, match="corrupt gzip stream"):
+        cifar.read_tar_members(b"\x1f\x8b definitely not a tarball", ["a"])
     with pytest.raises(DataError, match="corrupt tar"):
-        loaders.safe_extract(b"\x1f\x8b definitely not a tarball", tmp_path)
+        cifar.read_tar_members(make_tar({"a": bytes(5000)}, gz=False)[:2000], ["a"])
+    assert cifar.read_tar_members(make_tar({"a": b"1", "b": b"2"}, gz=False), ["b"]) == {"b": b"2"}
 
 
 # ---------------------------------------------------------------------------
@@ -572,6 +1022,16 @@ def test_minibatches_validation():
         next(iterate_minibatches(bad, y, 2, rng=0))
     with pytest.raises(ValueError, match="rng"):
         next(iterate_minibatches(x, y, 2))
+
+
+def test_minibatches_reject_empty_data():
+    """An empty epoch used to yield nothing, and fit then divided by zero."""
+    x, y = np.zeros((0, 2), np.float32), np.zeros(0, np.int64)
+    with pytest.raises(ValueError, match=r"iterate_minibatches: x and y have no samples \(shapes \(0, 2\) "
+                                         r"and \(0,\)\); expected at least 1"):
+        next(iterate_minibatches(x, y, 2, rng=0))
+    with pytest.raises(ValueError, match="no samples"):
+        next(iterate_minibatches(x, y, 2, shuffle=False))
 
 
 def test_train_val_split():
@@ -642,11 +1102,36 @@ def test_load_dataset_dispatch(fake_mnist):
 # real MNIST, only when the shared copy is present
 # ---------------------------------------------------------------------------
 
-@pytest.mark.skipif(not REAL_MNIST.is_dir(), reason=f"real MNIST not found at {REAL_MNIST}")
+needs_real_mnist = pytest.mark.skipif(not REAL_MNIST.is_dir(), reason=f"real MNIST not found at {REAL_MNIST}")
+
+
+@needs_real_mnist
 def test_real_mnist(isolated_cache):
-    ds = load_mnist(REAL_MNIST, download=False)
+    ds = load_mnist(REAL_MNIST)
     assert ds.x_train.shape == (60000, 1, 28, 28) and ds.x_test.shape == (10000, 1, 28, 28)
     assert ds.y_train.shape == (60000,) and ds.y_test.shape == (10000,)
     assert ds.x_train.dtype == np.float32 and 0.0 == ds.x_train.min() and ds.x_train.max() == 1.0
     assert ds.y_train[:8].tolist() == [5, 0, 4, 1, 9, 2, 1, 3]
     assert not isolated_cache.exists()
+
+
+@needs_real_mnist
+def test_real_mnist_regzipped_passes_and_changed_label_fails(tmp_path):
+    """The published digests are of the decompressed files: a re-gzip (as Debian ships) passes,
+    an uncompressed copy passes, and one changed label does not."""
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    for name in IDX_NAMES[:3]:
+        (folder / name).symlink_to(REAL_MNIST / name)
+    labels = gzip.decompress((REAL_MNIST / IDX_NAMES[3]).read_bytes())
+    (folder / IDX_NAMES[1]).unlink()
+    (folder / IDX_NAMES[1]).write_bytes(gzip.compress(gzip.decompress((REAL_MNIST / IDX_NAMES[1]).read_bytes()),
+                                                      compresslevel=9, mtime=0))
+    (folder / IDX_NAMES[3][:-3]).write_bytes(labels)
+    ds = load_mnist(folder)
+    assert ds.y_train[:8].tolist() == [5, 0, 4, 1, 9, 2, 1, 3] and ds.y_test.shape == (10000,)
+    changed = bytearray(labels)
+    changed[8] = (changed[8] + 1) % 10  # the first test label
+    (folder / IDX_NAMES[3][:-3]).write_bytes(bytes(changed))
+    with pytest.raises(ChecksumError, match="t10k-labels-idx1-ubyte.*expected sha256 ff7bcfd4"):
+        load_mnist(folder)

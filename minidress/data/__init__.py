@@ -12,14 +12,15 @@ Quick start::
 from __future__ import annotations
 
 from .batching import Normalizer, iterate_minibatches, standardize, train_val_split
+from .cifar import load_cifar10, read_cifar_batch
 from .datasets import Dataset, load_digits, make_moons, make_spirals, stratified_split
 from .loaders import (
     REGISTRY,
     ChecksumError,
     DataError,
+    DataNotFoundError,
     RemoteFile,
     data_home,
-    load_cifar10,
     load_fashion_mnist,
     load_mnist,
     read_idx,
@@ -27,8 +28,8 @@ from .loaders import (
 
 __all__ = [
     "Dataset", "load_digits", "make_spirals", "make_moons", "stratified_split",
-    "load_mnist", "load_fashion_mnist", "load_cifar10", "read_idx", "data_home",
-    "REGISTRY", "RemoteFile", "DataError", "ChecksumError",
+    "load_mnist", "load_fashion_mnist", "load_cifar10", "read_idx", "read_cifar_batch", "data_home",
+    "REGISTRY", "RemoteFile", "DataError", "ChecksumError", "DataNotFoundError",
     "iterate_minibatches", "standardize", "Normalizer", "train_val_split",
     "load_dataset", "DATASETS",
 ]
@@ -44,8 +45,10 @@ def load_dataset(name: str, data_dir=None, seed: int = 0, **kwargs) -> Dataset:
     name : {"digits", "mnist", "fashion_mnist", "cifar10"}
         "-" is accepted for "_" (e.g. "fashion-mnist").
     data_dir : path, optional
-        Where to look for the files first (ignored for "digits", which ships
-        with scikit-learn).
+        Folder holding the files (ignored for "digits", which ships with
+        scikit-learn). When given, it is the only folder searched unless
+        ``download=True`` is passed too; otherwise the cache is used and
+        missing files are downloaded.
     seed : int
         Seeds the train/test split of "digits"; the other data sets come
         with a fixed official split.
@@ -55,6 +58,11 @@ def load_dataset(name: str, data_dir=None, seed: int = 0, **kwargs) -> Dataset:
     Returns
     -------
     Dataset
+
+    Raises
+    ------
+    DataNotFoundError, ChecksumError, DataError
+        From the file loaders; all are ValueErrors with one-line messages.
     """
     key = str(name).lower().replace("-", "_")
     if key == "digits":

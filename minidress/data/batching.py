@@ -19,6 +19,9 @@ def _check_xy(x, y, who: str) -> None:
         raise ValueError(f"{who}: x and y need a leading sample axis, got shapes {x.shape} and {y.shape}")
     if len(x) != len(y):
         raise ValueError(f"{who}: x has {len(x)} samples but y has {len(y)}; they must match")
+    if len(x) == 0:  # an empty epoch would silently train on nothing (and divide by zero later)
+        raise ValueError(f"{who}: x and y have no samples (shapes {x.shape} and {y.shape}); "
+                         f"expected at least 1")
     _check_finite(x, f"{who}: x")
 
 
@@ -37,6 +40,7 @@ def iterate_minibatches(x: np.ndarray, y: np.ndarray, batch_size: int,
     Parameters
     ----------
     x : np.ndarray, shape [N, ...]
+        ``N >= 1``: empty data is rejected with a ValueError.
     y : np.ndarray, shape [N, ...]
     batch_size : int >= 1
     rng : numpy.random.Generator or int, optional

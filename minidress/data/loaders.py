@@ -1,33 +1,51 @@
-"""Loaders for data sets stored as files: MNIST, Fashion-MNIST and CIFAR-10.
+"""Loaders for data sets stored as files: MNIST and Fashion-MNIST (CIFAR-10 is in ``cifar.py``).
 
-Where files come from, in order:
+Where files come from:
 
-1. ``data_dir`` if you pass one (read only: we never write there);
-2. the cache ``data_home() / <name>`` (``$MINIDRESS_DATA``, default
+1. ``data_dir`` if you pass one (read only: we never write there). Then only
+   ``data_dir`` is searched, unless you also pass ``download=True``: a wrong
+   folder is an error listing the files wanted, never a silent switch to the
+   cache or the network;
+2. otherwise the cache ``data_home() / <name>`` (``$MINIDRESS_DATA``, default
    ``~/.cache/minidress``);
-3. a download into that cache, only if ``download=True``.
+3. a download into that cache, by default when no ``data_dir`` is given.
 
-Every downloaded file is checked against the digest in ``REGISTRY`` *before*
-it is written, and files found on disk are checked on every load, so a
-truncated or tampered file is reported instead of silently training on it.
+What is checked, every time, before a byte is parsed:
+
+* every file, found on disk or downloaded, against the published digest in
+  ``REGISTRY``. For MNIST the digest is of the *decompressed* file, so the
+  ``.gz`` as published, any faithful re-compression of it (Debian's packages
+  re-gzip the files) and the uncompressed file all pass, and a changed byte
+  does not. Where only the compressed file's digest is published
+  (Fashion-MNIST, CIFAR-10), that exact file is required;
+* sizes: no file read or downloaded may exceed ``MAX_FILE_BYTES``, no gzip
+  stream may expand past ``MAX_DECOMPRESSED_BYTES`` (it is inflated a piece at
+  a time, so a bomb stops at the cap), and an IDX header's declared shape is
+  checked against the cap before anything is allocated;
+* downloads: at most ``MAX_FILE_BYTES``, within ``DOWNLOAD_DEADLINE_S`` for
+  the whole transfer; a short, slow, oversized or wrong download moves on to
+  the next mirror, and nothing reaches the cache unless its digest matches.
+
+Every failure is a ``DataError`` (a ``ValueError``) with a one-line message
+naming the file, what it holds and what was expected; ``ChecksumError`` and
+``DataNotFoundError`` are the two kinds worth telling apart. The caps are
+module constants, read at call time, and most functions also take them as
+arguments.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
+import http.client
 import io
 import math
 import os
-import pickle
-import shutil
 import sys
-import tarfile
-import tempfile
+import time
 import urllib.request
 import zlib
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Callable, Optional, Union
 
 import numpy as np
@@ -38,28 +56,62 @@ from .datasets import Dataset
 Fetch = Callable[[str], bytes]
 PathLike = Union[str, "os.PathLike[str]"]
 
+# Largest genuine inputs: CIFAR-10's tarball is 170 MB and unpacks to about 186 MB;
+# MNIST's biggest file is 47 MB decompressed. 256 MiB leaves room and still stops a
+# small bomb long before it hurts a laptop.
+MAX_FILE_BYTES = 256 << 20          # one file read from disk or downloaded
+MAX_DECOMPRESSED_BYTES = 256 << 20  # what one gzip stream (or IDX payload) may expand to
+DOWNLOAD_TIMEOUT_S = 60.0           # connecting, and each network read
+DOWNLOAD_DEADLINE_S = 1800.0        # the whole transfer of one file: 170 MB at 100 kB/s
+_CHUNK = 1 << 20                    # input and output piece size when streaming
+_GZIP_MAGIC = b"\x1f\x8b"
+_GZIP_WBITS = 16 + zlib.MAX_WBITS   # tells zlib to expect (and check) a gzip header and trailer
+
 
 class DataError(ValueError):
-    """A data file is malformed: bad magic, wrong size, corrupt archive, ..."""
+    """A data file is missing, malformed, too large, or could not be fetched."""
 
 
 class ChecksumError(DataError):
     """A file's digest does not match the one recorded in ``REGISTRY``."""
 
 
+class DataNotFoundError(DataError, FileNotFoundError):
+    """The files wanted are in none of the folders searched (also a FileNotFoundError)."""
+
+
 @dataclass(frozen=True)
 class RemoteFile:
     """One file we know how to fetch and verify.
 
-    ``algorithm`` is any ``hashlib`` name; upstream publishes SHA-256 for
-    MNIST but only MD5 for Fashion-MNIST and CIFAR-10, so we record what
-    exists rather than inventing digests we never checked.
+    Attributes
+    ----------
+    name : str
+        File name as published, e.g. "train-images-idx3-ubyte.gz".
+    digest : str
+        Hex digest, computed with ``algorithm``.
+    algorithm : str
+        Any ``hashlib`` name. We record what upstream publishes (or what we
+        computed from a copy we verified against it), never a guess.
+    urls : tuple of str
+        Mirrors, tried in order.
+    digest_of : {"file", "content"}
+        "file": the digest is of the published file's bytes, so only that
+        exact file passes. "content": it is of the decompressed content, so
+        the published .gz, any faithful re-compression and the uncompressed
+        file all pass.
     """
 
     name: str
     digest: str
     algorithm: str
     urls: tuple
+    digest_of: str = "file"
+
+    def __post_init__(self):
+        if self.digest_of not in ("file", "content"):
+            raise ValueError(f"RemoteFile {self.name}: digest_of must be 'file' or 'content', "
+                             f"got {self.digest_of!r}")
 
 
 _MNIST_BASE = "https://ossci-datasets.s3.amazonaws.com/mnist/"
@@ -74,24 +126,33 @@ _IDX_NAMES = (
 )
 
 
-def _idx_files(base, algorithm, digests):
-    return tuple(RemoteFile(n, d, algorithm, (base + n,)) for n, d in zip(_IDX_NAMES, digests))
+def _idx_files(base, algorithm, digests, digest_of):
+    return tuple(RemoteFile(n, d, algorithm, (base + n,), digest_of)
+                 for n, d in zip(_IDX_NAMES, digests))
 
 
 # data set name -> files. Tests monkeypatch entries to point at fabricated files.
 REGISTRY: dict = {
+    # SHA-256 of the decompressed files. We computed them from copies of the four .gz files
+    # whose SHA-256 match the published ones (440fcabf..., 3552534a..., 8d422c7b..., f7ae60f9...,
+    # the digests this registry held before); independent public lists give the same values.
     "mnist": _idx_files(_MNIST_BASE, "sha256", (
-        "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-        "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
-        "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-        "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
-    )),
+        "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",  # 47040016 bytes
+        "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",  # 60008 bytes
+        "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",  # 7840016 bytes
+        "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",  # 10008 bytes
+    ), "content"),
+    # Fashion-MNIST publishes only the MD5 of its .gz files, and no copy of the data was available
+    # to us to compute the decompressed digests from. So the exact published .gz is required:
+    # a faithful re-compression (Debian's dataset-fashion-mnist re-gzips the files) or an
+    # uncompressed copy is refused, because we cannot tell it from a changed one.
     "fashion_mnist": _idx_files(_FASHION_BASE, "md5", (
         "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
         "25c81989df183df01b3e8a0aad5dffbe",
         "bef4ecab320f06d8554ea6380940ec79",
         "bb300cfdad3c16e7a12e480ee83cd310",
-    )),
+    ), "file"),
+    # CIFAR-10 publishes one MD5, of the tarball: see cifar.py for how the batches are read.
     "cifar10": (
         RemoteFile("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", "md5", (_CIFAR10_URL,)),
     ),
@@ -104,59 +165,278 @@ def data_home() -> Path:
 
 
 # ---------------------------------------------------------------------------
+# size caps and gzip
+# ---------------------------------------------------------------------------
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    """An exception as one short line: messages may hold newlines or huge reprs."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _cap(value: Optional[int], default: int, arg: str) -> int:
+    """Resolve a size cap argument: None means the module constant, read now (so tests can patch it)."""
+    cap = default if value is None else value
+    if isinstance(cap, bool) or not isinstance(cap, (int, np.integer)) or cap < 0:
+        raise ValueError(f"{arg} must be an int >= 0, got {cap!r}")
+    return int(cap)
+
+
+def _check_size(size: int, cap: int, source, what: str, constant: str) -> None:
+    if size > cap:
+        raise DataError(f"{source}: {what} {size} bytes, more than the cap of {cap} bytes "
+                        f"({constant}; pass a larger max_bytes if this file is genuine)")
+
+
+def is_gzip(data) -> bool:
+    """True if ``data`` starts with the gzip magic bytes (sniffing beats trusting a file name)."""
+    return bytes(data[:2]) == _GZIP_MAGIC
+
+
+class _GzipStream:
+    """Read the decompressed bytes of a gzip file held in memory, a bounded piece at a time.
+
+    ``zlib`` is never asked for more output than the caller wants, so a bomb
+    (a small file expanding to gigabytes) costs only what is read. zlib checks
+    each member's CRC-32 and length; concatenated members are read as one
+    stream, as ``gzip`` does, and zero padding at the end is ignored.
+    """
+
+    def __init__(self, data, source):
+        self._data = memoryview(data)
+        self._pos = 0        # first byte not yet handed to zlib
+        self._pending = b""  # handed to zlib but not consumed yet (its unconsumed_tail)
+        self._zlib = zlib.decompressobj(_GZIP_WBITS)
+        self._source = source
+        self._ended = False  # the last member's trailer and any zero padding have been read
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` decompressed bytes; fewer only at the end of the stream."""
+        parts, want = [], n
+        while want > 0:
+            if self._zlib.eof and not self._next_member():
+                break
+            if not self._pending and self._pos < len(self._data):
+                # feed bounded pieces: zlib copies its unconsumed input on every call
+                self._pending = self._data[self._pos:self._pos + _CHUNK]
+                self._pos += len(self._pending)
+            try:
+                chunk = self._zlib.decompress(self._pending, min(want, _CHUNK))
+            except zlib.error as e:
+                raise DataError(f"{self._source}: corrupt gzip stream ({e}); delete the file "
+                                f"and download it again") from e
+            self._pending = self._zlib.unconsumed_tail
+            if not chunk and not self._pending and self._pos == len(self._data) and not self._zlib.eof:
+                raise DataError(f"{self._source}: gzip stream is truncated (ends before its "
+                                f"trailer); delete the file and download it again")
+            parts.append(chunk)
+            want -= len(chunk)
+        return b"".join(parts)
+
+    def _next_member(self) -> bool:
+        """After a member's trailer: start the next member, or return False at the clean end."""
+        if self._ended:
+            return False
+        self._pos -= len(self._zlib.unused_data)  # handed to zlib, but past this member's end
+        rest = self._data[self._pos:]
+        if not rest or (rest[0] == 0 and not bytes(rest).strip(b"\0")):  # zero padding to the end
+            self._ended = True
+            return False
+        if bytes(rest[:2]) != _GZIP_MAGIC:
+            raise DataError(f"{self._source}: {len(rest)} bytes of trailing garbage after the "
+                            f"gzip stream; expected the end of the file or another gzip member")
+        self._zlib, self._pending = zlib.decompressobj(_GZIP_WBITS), b""
+        return True
+
+
+def gunzip(data, max_bytes: Optional[int] = None, source="<bytes>") -> bytes:
+    """Decompress gzip ``data``, refusing to produce more than ``max_bytes``.
+
+    Parameters
+    ----------
+    data : bytes-like
+        A complete gzip file (one or more members).
+    max_bytes : int, optional
+        Cap on the decompressed size; default ``MAX_DECOMPRESSED_BYTES``.
+    source : str or path
+        Named in error messages.
+
+    Returns
+    -------
+    bytes
+
+    Raises
+    ------
+    DataError
+        Corrupt, truncated or followed by garbage, or larger than the cap
+        (found after decompressing at most ``max_bytes + 1`` bytes).
+    """
+    cap = _cap(max_bytes, MAX_DECOMPRESSED_BYTES, "max_bytes")
+    stream = _GzipStream(data, source)
+    parts, total = [], 0
+    # piece by piece, stopping one byte past the cap: a refused bomb is never joined
+    while chunk := stream.read(min(_CHUNK, cap + 1 - total)):
+        total += len(chunk)
+        _check_size(total, cap, source, "gzip stream decompresses to at least", "MAX_DECOMPRESSED_BYTES")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def read_capped(path: Path, max_bytes: Optional[int] = None) -> bytes:
+    """The bytes of the file at ``path``, refusing files over ``max_bytes`` (default ``MAX_FILE_BYTES``)."""
+    cap = _cap(max_bytes, MAX_FILE_BYTES, "max_bytes")
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            _check_size(size, cap, path, "file has", "MAX_FILE_BYTES")
+            data = f.read(size + 1)  # read(n) allocates n bytes up front: ask for no more than needed
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file ({e.strerror or _one_line(e)})") from e
+    if len(data) != size:
+        raise DataError(f"{path}: file changed while being read (its size was {size} bytes, "
+                        f"{len(data)} were read); expected a complete file")
+    return data
+
+
+# ---------------------------------------------------------------------------
 # fetching and verifying
 # ---------------------------------------------------------------------------
 
-def default_fetch(url: str, timeout: float = 60.0) -> bytes:
-    """Download ``url`` (http(s):// or file://) and return its bytes."""
+def default_fetch(url: str, timeout: Optional[float] = None, deadline: Optional[float] = None,
+                  max_bytes: Optional[int] = None) -> bytes:
+    """Download ``url`` (http(s):// or file://) and return its bytes.
+
+    Parameters
+    ----------
+    url : str
+    timeout : float, optional
+        Seconds to wait to connect and for each network read; default
+        ``DOWNLOAD_TIMEOUT_S``.
+    deadline : float, optional
+        Seconds for the whole transfer; default ``DOWNLOAD_DEADLINE_S``.
+        Checked after each read, so a transfer ends at most ``timeout``
+        seconds past it, however slowly the server drips bytes.
+    max_bytes : int, optional
+        Largest accepted body; default ``MAX_FILE_BYTES``. An announced
+        Content-Length over it is refused before reading.
+
+    Raises
+    ------
+    DataError
+        Too large, too slow, or shorter than its announced Content-Length.
+    OSError, http.client.HTTPException
+        Network errors, as raised by ``urllib``.
+    """
+    timeout = DOWNLOAD_TIMEOUT_S if timeout is None else timeout
+    deadline = DOWNLOAD_DEADLINE_S if deadline is None else deadline
+    cap = _cap(max_bytes, MAX_FILE_BYTES, "max_bytes")
+    start = time.monotonic()
     with urllib.request.urlopen(url, timeout=timeout) as response:
-        return response.read()
+        length = response.headers.get("Content-Length", "")
+        declared = int(length) if length.strip().isdigit() else None
+        if declared is not None:
+            _check_size(declared, cap, url, "server announces", "MAX_FILE_BYTES")
+        # read1 returns after one network read, so no single call can wait much past `timeout`
+        read = getattr(response, "read1", response.read)
+        parts, total = [], 0
+        while chunk := read(_CHUNK):
+            total += len(chunk)
+            _check_size(total, cap, url, "download reached", "MAX_FILE_BYTES")
+            parts.append(chunk)
+            elapsed = time.monotonic() - start
+            if elapsed > deadline:
+                raise DataError(f"{url}: download still running after {elapsed:.1f} s ({total} bytes "
+                                f"so far); expected it to finish within {deadline} s (DOWNLOAD_DEADLINE_S)")
+    if declared is not None and total != declared:
+        raise DataError(f"{url}: download truncated: got {total} bytes, the server announced {declared}")
+    return b"".join(parts)
 
 
 def check_digest(data: bytes, spec: RemoteFile, source) -> None:
     """Raise ChecksumError unless ``data`` hashes to ``spec.digest``.
 
-    ``source`` (a path or URL) goes into the message so the user knows which
-    copy is bad.
+    ``data`` is what ``spec.digest_of`` says: the file's bytes, or its
+    decompressed content. ``source`` (a path or URL) goes into the message
+    so the user knows which copy is bad.
     """
     got = hashlib.new(spec.algorithm, data).hexdigest()
     if got != spec.digest.lower():
+        what = "decompressed content" if spec.digest_of == "content" else "file"
+        hint = ""
+        if spec.digest_of == "file" and spec.name.endswith(".gz"):
+            hint = " Only this exact published .gz is accepted: a re-compressed copy has other bytes."
         raise ChecksumError(
             f"checksum mismatch for {spec.name} ({source}): expected {spec.algorithm} "
-            f"{spec.digest}, got {got}. The file is truncated, corrupt or not the official "
-            f"one; delete it and load again with download=True."
+            f"{spec.digest} of the {what}, got {got}. The file is truncated, corrupt or not the "
+            f"official one; delete it and load again with download=True.{hint}"
         )
 
 
-def download_file(spec: RemoteFile, dest_dir: Path, fetch: Optional[Fetch] = None) -> bytes:
-    """Fetch ``spec`` from its first working URL, verify it, then save it.
+def verify(data: bytes, spec: RemoteFile, source) -> bytes:
+    """Check a file's bytes against ``spec``; return the verified bytes to parse.
 
-    Nothing is written unless the checksum matches, and the write is atomic,
-    so an interrupted download never leaves a half file in the cache.
+    With a content digest, gzip data is decompressed (under the cap) first,
+    and the decompressed content is returned; otherwise ``data`` itself.
+    """
+    if spec.digest_of == "content" and is_gzip(data):
+        data = gunzip(data, source=source)
+    check_digest(data, spec, source)
+    return data
+
+
+def download_file(spec: RemoteFile, dest_dir: Path, fetch: Optional[Fetch] = None,
+                  max_bytes: Optional[int] = None) -> bytes:
+    """Fetch ``spec`` from its first working mirror, verify it, then save it in ``dest_dir``.
+
+    A mirror that fails in any way (network error, truncated, too slow, too
+    large, wrong digest) is reported and the next one tried. Nothing is
+    written unless the digest matches, and the write is atomic, so an
+    interrupted download never leaves a half file in the cache.
 
     Returns
     -------
     bytes
-        The verified file contents (so the caller need not read it back).
+        The verified contents, as :func:`verify` returns them.
+
+    Raises
+    ------
+    ChecksumError
+        Every mirror failed and at least one served the wrong bytes.
+    DataError
+        Every mirror failed otherwise (the message lists each failure).
     """
     fetch = fetch or default_fetch
-    errors = []
+    cap = _cap(max_bytes, MAX_FILE_BYTES, "max_bytes")
+    failures, wrong_bytes = [], False
     for url in spec.urls:
         print(f"minidress: downloading {url}", file=sys.stderr)
         try:
             data = fetch(url)
-        except OSError as e:  # URLError, timeouts, missing file:// paths; try the next mirror
-            errors.append(f"  {url}: {e}")
-            continue
-        if not isinstance(data, (bytes, bytearray)):
-            raise TypeError(f"fetch({url!r}) must return bytes, got {type(data).__name__}")
-        check_digest(data, spec, url)
-        atomic_write_bytes(Path(dest_dir) / spec.name, data)
-        return bytes(data)
-    raise DataError(
-        f"could not download {spec.name} from any mirror:\n" + "\n".join(errors)
-        + f"\nDownload it by hand and put it in {dest_dir}"
-    )
+            if not isinstance(data, (bytes, bytearray)):
+                raise TypeError(f"fetch({url!r}) must return bytes, got {type(data).__name__}")
+            _check_size(len(data), cap, url, "download has", "MAX_FILE_BYTES")  # a custom fetch may not cap
+            content = verify(bytes(data), spec, url)
+        except ChecksumError as e:
+            failures.append(_one_line(e, 400))
+            wrong_bytes = True
+        # ValueError covers DataError (too large, too slow, truncated) and malformed URLs;
+        # HTTPException covers IncompleteRead and other protocol errors
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            failures.append(f"{url}: {type(e).__name__}: {_one_line(e)}")
+        else:
+            _write_cache(Path(dest_dir) / spec.name, bytes(data))
+            return content
+    error = ChecksumError if wrong_bytes else DataError
+    raise error(f"could not download {spec.name} from any of its {len(spec.urls)} mirror(s): "
+                + " | ".join(failures) + f". Download it by hand into {dest_dir}")
+
+
+def _write_cache(path: Path, data: bytes) -> None:
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as e:
+        raise DataError(f"{path}: cannot write to the cache ({e.strerror or _one_line(e)}); "
+                        f"set $MINIDRESS_DATA to a writable folder") from e
 
 
 def _read_sha256sums(directory: Path) -> dict:
@@ -164,34 +444,63 @@ def _read_sha256sums(directory: Path) -> dict:
     path = directory / "SHA256SUMS"
     if not path.is_file():
         return {}
+    try:
+        text = read_capped(path, 1 << 20).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: expected UTF-8 text in sha256sum format, got undecodable bytes") from e
     sums = {}
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+    for line_no, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split(maxsplit=1)
         if len(parts) != 2 or len(parts[0]) != 64:
-            raise DataError(f"{path}:{line_no}: expected '<sha256>  <name>', got {line!r}")
+            raise DataError(f"{path}:{line_no}: expected '<sha256>  <name>', got {line[:100]!r}")
         sums[parts[1].lstrip("*").strip()] = parts[0].lower()  # '*' marks binary mode
     return sums
 
 
-def _search_dirs(name: str, data_dir) -> list:
+def search_dirs(name: str, data_dir=None, download: Optional[bool] = None) -> list:
+    """Folders :func:`fetch_files` searches, in order: ``data_dir``, and the cache unless
+    a ``data_dir`` was given without ``download=True``."""
     dirs = [Path(data_dir).expanduser()] if data_dir is not None else []
-    return dirs + [data_home() / name]
+    if data_dir is None or download:
+        dirs.append(data_home() / name)
+    return dirs
+
+
+def _accepted_names(spec: RemoteFile) -> list:
+    """File names that can hold ``spec``: an uncompressed copy too, if the digest is of the content."""
+    if spec.digest_of == "content" and spec.name.endswith(".gz"):
+        return [spec.name, spec.name[:-3]]
+    return [spec.name]
 
 
 def _read_local(path: Path, spec: RemoteFile) -> bytes:
     """Read a file found on disk, verifying every digest we know for it."""
-    data = path.read_bytes()
-    if path.name == spec.name:  # registry digests describe the compressed original only
-        check_digest(data, spec, path)
+    if path.name not in _accepted_names(spec):
+        raise DataError(f"{path}: only the digest of the compressed {spec.name} is published, so "
+                        f"this uncompressed copy cannot be checked; put the original {spec.name} there")
+    data = read_capped(path)
     listed = _read_sha256sums(path.parent).get(path.name)
     if listed is not None:
         check_digest(data, RemoteFile(path.name, listed, "sha256", ()), path.parent / "SHA256SUMS")
-    return data
+    return verify(data, spec, path)
 
 
-def fetch_files(name: str, data_dir=None, download: bool = True,
+def _missing_message(name, missing, dirs, data_dir, may_download) -> str:
+    wanted = ", ".join(" or ".join(_accepted_names(s)) for s in missing)
+    looked = ", ".join(str(d) if d.is_dir() else f"{d} (no such folder)" for d in dirs)
+    cache = data_home() / name
+    if data_dir is not None and not may_download:
+        advice = (f"check data_dir, or pass download=True to also use the cache {cache} "
+                  f"and download what is missing")
+    else:
+        advice = (f"pass download=True, or download {[s.urls[0] for s in missing]} by hand and "
+                  f"pass data_dir=<folder>")
+    return f"{name}: cannot find {wanted}; looked in {looked}; {advice}"
+
+
+def fetch_files(name: str, data_dir=None, download: Optional[bool] = None,
                 fetch: Optional[Fetch] = None) -> dict:
     """Verified contents of every file in ``REGISTRY[name]``.
 
@@ -200,39 +509,45 @@ def fetch_files(name: str, data_dir=None, download: bool = True,
     name : str
         A key of ``REGISTRY``.
     data_dir : path, optional
-        Looked at first; never written to.
-    download : bool
-        Download files found nowhere into ``data_home() / name``.
+        Never written to. When given, it is the only folder searched, unless
+        ``download=True``.
+    download : bool, optional
+        Allow the cache ``data_home() / name`` and downloads into it.
+        Default: allowed when no ``data_dir`` is given, not when one is.
     fetch : callable(url) -> bytes, optional
         Replaces ``default_fetch`` (tests inject one to stay offline).
 
     Returns
     -------
     dict
-        {registry file name: (path it came from, bytes)}.
+        {registry file name: (path it came from, verified bytes)}: the
+        decompressed content for a content digest, else the file's bytes.
+
+    Raises
+    ------
+    DataNotFoundError
+        Files missing and downloading not allowed; names every file wanted
+        and every folder searched.
+    ChecksumError, DataError
     """
     if name not in REGISTRY:
         raise ValueError(f"unknown data set {name!r}; known: {sorted(REGISTRY)}")
-    dirs = _search_dirs(name, data_dir)
+    may_download = (data_dir is None) if download is None else bool(download)
+    dirs = search_dirs(name, data_dir, download)
     found, missing = {}, []
     for spec in REGISTRY[name]:
-        candidates = [spec.name]
-        if spec.name.endswith(".gz"):  # an already-gunzipped copy is fine too
-            candidates.append(spec.name[:-3])
+        # the uncompressed name is looked for even when it cannot be checked, to say why it is refused
+        candidates = [spec.name] + ([spec.name[:-3]] if spec.name.endswith(".gz") else [])
         path = next((d / c for d in dirs for c in candidates if (d / c).is_file()), None)
         if path is None:
             missing.append(spec)
         else:
             found[spec.name] = (path, _read_local(path, spec))
-    if missing and not download:
-        raise FileNotFoundError(
-            f"{name}: missing {[s.name for s in missing]}; looked in "
-            f"{[str(d) for d in dirs]}. Pass download=True to fetch them into "
-            f"{dirs[-1]}, or download by hand from "
-            f"{[s.urls[0] for s in missing]} and pass data_dir=<folder>."
-        )
+    if missing and not may_download:
+        raise DataNotFoundError(_missing_message(name, missing, dirs, data_dir, may_download))
+    cache = data_home() / name
     for spec in missing:
-        found[spec.name] = (dirs[-1] / spec.name, download_file(spec, dirs[-1], fetch))
+        found[spec.name] = (cache / spec.name, download_file(spec, cache, fetch))
     return found
 
 
@@ -242,18 +557,11 @@ def fetch_files(name: str, data_dir=None, download: bool = True,
 
 # IDX type code (3rd byte of the magic) -> big-endian dtype
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_MAX_DIMS = 32  # NumPy's limit on array dimensions (numpy 1.x; 2.x allows 64)
 
 
-def _maybe_gunzip(data: bytes, source) -> bytes:
-    if data[:2] != b"\x1f\x8b":  # gzip magic; sniffing beats trusting the file name
-        return data
-    try:
-        return gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
-        raise DataError(f"{source}: corrupt gzip stream ({e}); delete the file and download it again") from e
-
-
-def read_idx(path_or_bytes, source: Optional[str] = None, magic: Optional[int] = None) -> np.ndarray:
+def read_idx(path_or_bytes, source: Optional[str] = None, magic: Optional[int] = None,
+             max_bytes: Optional[int] = None) -> np.ndarray:
     """Parse an IDX file (the MNIST format), gzipped or not.
 
     Layout: 2 zero bytes, a type code byte, an ndim byte, ``ndim`` big-endian
@@ -263,47 +571,59 @@ def read_idx(path_or_bytes, source: Optional[str] = None, magic: Optional[int] =
     Parameters
     ----------
     path_or_bytes : str, os.PathLike or bytes
+        A path is read under ``MAX_FILE_BYTES``.
     source : str, optional
         Name used in error messages when passing bytes.
     magic : int, optional
         Require exactly this magic number, e.g. 0x00000803 for MNIST images.
+    max_bytes : int, optional
+        Cap on the decompressed size; default ``MAX_DECOMPRESSED_BYTES``. The
+        header's declared shape is checked against it before the payload is
+        read, and gzip data is inflated only as far as the header says.
 
     Returns
     -------
     np.ndarray
         Native byte order, shape given by the header, e.g. uint8 [N, 28, 28].
     """
+    cap = _cap(max_bytes, MAX_DECOMPRESSED_BYTES, "max_bytes")
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
-        data, source = bytes(path_or_bytes), source or "<bytes>"
+        data, source = path_or_bytes, source or "<bytes>"
     else:
         source = source or str(path_or_bytes)
-        data = Path(path_or_bytes).read_bytes()
-    data = _maybe_gunzip(data, source)
+        data = read_capped(Path(path_or_bytes))
+    stream = _GzipStream(data, source) if is_gzip(data) else io.BytesIO(data)
 
-    if len(data) < 4:
-        raise DataError(f"{source}: IDX header needs 4 bytes, file has {len(data)}")
-    zero, code, ndim = data[0:2], data[2], data[3]
-    if zero != b"\x00\x00" or code not in _IDX_DTYPES or ndim == 0:
+    head = stream.read(4)
+    if len(head) < 4:
+        raise DataError(f"{source}: IDX header needs 4 bytes, file has {len(head)}")
+    zero, code, ndim = head[0:2], head[2], head[3]
+    if zero != b"\x00\x00" or code not in _IDX_DTYPES or not 1 <= ndim <= _IDX_MAX_DIMS:
         raise DataError(
-            f"{source}: bad IDX magic 0x{data[:4].hex()}; expected 0x0000TTNN with type "
-            f"TT in {[hex(c) for c in _IDX_DTYPES]} and NN >= 1 dims (e.g. 0x00000803 for images)"
+            f"{source}: bad IDX magic 0x{head.hex()}; expected 0x0000TTNN with type TT in "
+            f"{[hex(c) for c in _IDX_DTYPES]} and NN in 1..{_IDX_MAX_DIMS} dims (e.g. 0x00000803 for images)"
         )
-    if magic is not None and int.from_bytes(data[:4], "big") != magic:
-        raise DataError(f"{source}: bad IDX magic 0x{data[:4].hex()}, expected 0x{magic:08x}")
+    if magic is not None and int.from_bytes(head, "big") != magic:
+        raise DataError(f"{source}: bad IDX magic 0x{head.hex()}, expected 0x{magic:08x}")
     header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataError(f"{source}: IDX header needs {header} bytes, file has {len(data)}")
-    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
+    sizes = stream.read(4 * ndim)
+    if len(sizes) < 4 * ndim:
+        raise DataError(f"{source}: IDX header needs {header} bytes, file has {4 + len(sizes)}")
+    dims = tuple(int.from_bytes(sizes[i:i + 4], "big") for i in range(0, 4 * ndim, 4))
     dtype = np.dtype(_IDX_DTYPES[code])
     expected = math.prod(dims) * dtype.itemsize  # Python ints: a garbage header cannot overflow
-    actual = len(data) - header
-    if actual != expected:
-        kind = "truncated" if actual < expected else "has trailing bytes"
+    if header + expected > cap:
+        raise DataError(f"{source}: IDX header declares shape {dims} of {dtype.name} = {expected} "
+                        f"payload bytes, {header + expected} with the header: more than the cap of "
+                        f"{cap} bytes (MAX_DECOMPRESSED_BYTES)")
+    payload = stream.read(expected + 1)  # one byte more tells a file with trailing bytes apart
+    if len(payload) != expected:
+        kind, found = ("truncated", len(payload)) if len(payload) < expected else ("has trailing bytes", "more")
         raise DataError(
             f"{source}: IDX file {kind}: header says shape {dims} of {dtype.name} = "
-            f"{expected} payload bytes, found {actual}"
+            f"{expected} payload bytes, found {found}"
         )
-    arr = np.frombuffer(data, dtype, offset=header).reshape(dims)
+    arr = np.frombuffer(payload, dtype).reshape(dims)
     return arr.astype(dtype.newbyteorder("="))  # copy: writable and native-endian
 
 
@@ -328,18 +648,20 @@ def _load_idx_dataset(name, data_dir, download, fetch) -> Dataset:
     return Dataset(name, x_train, y_train, x_test, y_test, n_classes=10)
 
 
-def load_mnist(data_dir: Optional[PathLike] = None, download: bool = True,
+def load_mnist(data_dir: Optional[PathLike] = None, download: Optional[bool] = None,
                fetch: Optional[Fetch] = None) -> Dataset:
     """MNIST handwritten digits (60000 train / 10000 test).
 
     Parameters
     ----------
     data_dir : path, optional
-        Folder holding the four ``*-ubyte.gz`` files (or uncompressed ones).
-        If a ``SHA256SUMS`` file sits next to them it is checked too.
-    download : bool
-        Fetch missing files into ``data_home()/mnist``; if False a missing
-        file raises FileNotFoundError.
+        Folder holding the four ``*-ubyte.gz`` files (gzipped by anyone, or
+        uncompressed): their decompressed content must match the published
+        digests. If a ``SHA256SUMS`` file sits next to them it is checked too.
+        When given, only this folder is searched (unless ``download=True``).
+    download : bool, optional
+        Allow the cache ``data_home()/mnist`` and downloads into it; default:
+        only when ``data_dir`` is not given.
     fetch : callable(url) -> bytes, optional
         Replacement downloader (tests, proxies).
 
@@ -347,153 +669,19 @@ def load_mnist(data_dir: Optional[PathLike] = None, download: bool = True,
     -------
     Dataset
         ``x_*`` float32 [N, 1, 28, 28] in [0, 1], ``y_*`` int64 [N] in 0..9.
+
+    Raises
+    ------
+    DataNotFoundError, ChecksumError, DataError
     """
     return _load_idx_dataset("mnist", data_dir, download, fetch)
 
 
-def load_fashion_mnist(data_dir: Optional[PathLike] = None, download: bool = True,
+def load_fashion_mnist(data_dir: Optional[PathLike] = None, download: Optional[bool] = None,
                        fetch: Optional[Fetch] = None) -> Dataset:
-    """Fashion-MNIST (Zalando clothing images); same format and API as :func:`load_mnist`."""
+    """Fashion-MNIST (Zalando clothing images); same API as :func:`load_mnist`.
+
+    Only the published ``.gz`` files are accepted (upstream publishes the MD5
+    of those alone, see ``REGISTRY``), not re-compressed or uncompressed copies.
+    """
     return _load_idx_dataset("fashion_mnist", data_dir, download, fetch)
-
-
-# ---------------------------------------------------------------------------
-# CIFAR-10
-# ---------------------------------------------------------------------------
-
-_CIFAR_DIR = "cifar-10-batches-py"
-_CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
-_CIFAR_TEST = ("test_batch",)
-
-
-def safe_extract(tar_bytes: bytes, dest: Path, source="<tar>") -> None:
-    """Unpack a .tar(.gz) into ``dest``, refusing anything that could escape it.
-
-    Only regular files and directories with relative paths free of ".." are
-    allowed: a crafted archive could otherwise overwrite files outside
-    ``dest`` (absolute paths, "../", or symlinks pointing elsewhere).
-    The archive is unpacked into a temporary folder first and moved into
-    place at the end, so a failure leaves ``dest`` untouched.
-    """
-    dest = Path(dest)
-    try:
-        tar = tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:*")
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{source}: corrupt tar archive ({e})") from e
-    with tar:
-        try:
-            members = tar.getmembers()  # reads every header, so truncation shows up here
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{source}: corrupt tar archive ({e})") from e
-        for m in members:
-            p = PurePosixPath(m.name)
-            if p.is_absolute() or ".." in p.parts or m.name.startswith("\\"):
-                raise DataError(f"{source}: refusing unsafe member path {m.name!r}")
-            if not (m.isfile() or m.isdir()):  # symlinks / hard links could point anywhere
-                raise DataError(f"{source}: refusing member {m.name!r}: not a plain file or folder")
-        dest.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=dest, prefix=".extract-"))
-        try:
-            for m in members:
-                target = tmp / m.name
-                if m.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                else:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(tar.extractfile(m).read())
-            for top in tmp.iterdir():  # move top-level entries into place, replacing stale copies
-                final = dest / top.name
-                if final.is_dir():
-                    shutil.rmtree(final)
-                os.replace(top, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _read_cifar_batch(path: Path):
-    """One pickled CIFAR batch -> (uint8 [N, 3, 32, 32], int64 [N]).
-
-    Security: unpickling can run arbitrary code. Only load batches that came
-    out of the checksum-verified official tarball (or a folder you trust).
-    """
-    try:
-        with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # pickle can raise almost anything on garbage input
-        raise DataError(f"{path}: not a readable CIFAR pickle ({type(e).__name__}: {e})") from e
-    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-        raise DataError(f"{path}: expected a dict with keys b'data' and b'labels', got {keys}")
-    data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise DataError(f"{path}: b'data' must be uint8 [N, 3072], got {data.dtype} {data.shape}")
-    if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(
-            f"{path}: b'labels' must be {len(data)} integers, got {labels.dtype} {labels.shape}")
-    if len(labels) and (labels.min() < 0 or labels.max() >= 10):
-        raise DataError(f"{path}: labels must be in 0..9, found {labels.min()}..{labels.max()}")
-    # rows are 1024 red, then 1024 green, then 1024 blue values, each a 32x32 image in C order
-    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
-
-
-def _cifar_folder(data_dir, download, fetch) -> Path:
-    """Find (or build, from the verified tarball) a complete cifar-10-batches-py folder."""
-    dirs = _search_dirs("cifar10", data_dir)
-    cache = dirs[-1]
-    spec = REGISTRY["cifar10"][0]
-    wanted = _CIFAR_TRAIN + _CIFAR_TEST
-    for d in dirs:
-        for folder in (d / _CIFAR_DIR, d):  # accept data_dir pointing at either level
-            if all((folder / n).is_file() for n in wanted):
-                return folder
-    tarball = next((d / spec.name for d in dirs if (d / spec.name).is_file()), None)
-    if tarball is not None:
-        data = _read_local(tarball, spec)
-    elif download:
-        # the tarball is kept in the cache so a later corrupt extraction can be redone offline
-        data = download_file(spec, cache, fetch)
-        tarball = cache / spec.name
-    else:
-        raise FileNotFoundError(
-            f"cifar10: no {_CIFAR_DIR}/ with {list(wanted)} and no {spec.name} in "
-            f"{[str(d) for d in dirs]}. Pass download=True, or download {spec.urls[0]} "
-            f"by hand and pass data_dir=<folder>."
-        )
-    safe_extract(data, cache, source=tarball)
-    folder = cache / _CIFAR_DIR
-    missing = [n for n in wanted if not (folder / n).is_file()]
-    if missing:
-        raise DataError(f"{tarball}: archive has no {_CIFAR_DIR}/{missing}")
-    return folder
-
-
-def load_cifar10(data_dir: Optional[PathLike] = None, download: bool = True,
-                 fetch: Optional[Fetch] = None) -> Dataset:
-    """CIFAR-10 (50000 train / 10000 test colour images, 10 classes).
-
-    Parameters
-    ----------
-    data_dir : path, optional
-        Folder holding ``cifar-10-batches-py/`` (or the batches themselves,
-        or ``cifar-10-python.tar.gz``). Never written to: the tarball is
-        extracted into ``data_home()/cifar10``.
-    download : bool
-    fetch : callable(url) -> bytes, optional
-
-    Returns
-    -------
-    Dataset
-        ``x_*`` float32 [N, 3, 32, 32] in [0, 1], ``y_*`` int64 [N].
-        The full training set is about 600 MB as float32.
-    """
-    folder = _cifar_folder(data_dir, download, fetch)
-    parts = {split: [_read_cifar_batch(folder / n) for n in names]
-             for split, names in (("train", _CIFAR_TRAIN), ("test", _CIFAR_TEST))}
-    arrays = {}
-    for split, batches in parts.items():
-        x = np.concatenate([b[0] for b in batches])
-        arrays[f"x_{split}"] = x.astype(np.float32) / np.float32(255.0)
-        arrays[f"y_{split}"] = np.concatenate([b[1] for b in batches])
-    return Dataset("cifar10", n_classes=10, **arrays)
