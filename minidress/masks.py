@@ -23,10 +23,15 @@ import numpy as np
 
 
 def check_density(density, name="density") -> float:
-    """Return ``density`` as a float, or raise naming the argument if it is not in (0, 1]."""
+    """Return ``density`` as a float, or raise naming the argument if it is not in (0, 1], or is
+    a bool, a string or a float16/float32 number (whose row counts can differ)."""
     # bool and str convert to float (True -> 1.0, "0.5" -> 0.5) but are never meant as densities.
     if isinstance(density, (bool, np.bool_, str, bytes)):
         raise TypeError(f"{name} must be a number in (0, 1], got {density!r}")
+    # The row count is evaluated in double: a float32 density keeps another count for 749
+    # (density, row length) pairs (docs/golden-format.md), so it is refused, never widened.
+    if getattr(density, "dtype", None) in (np.float16, np.float32):
+        raise TypeError(f"{name} must be a Python float or float64, got {density!r} of dtype {density.dtype}")
     try:
         d = float(density)
     except (TypeError, ValueError):

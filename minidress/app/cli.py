@@ -4,7 +4,8 @@
     minidress train --dense [options]      train one dense network instead
     minidress eval CHECKPOINT [--density D] [--recalibrate]
     minidress inspect STORE                what a DRESS store holds, and what it saves
-    minidress golden --out FILE.npz | --check FILE.npz
+    minidress golden --out FILE.npz | --check FILE.npz [--case NAME]
+    minidress export CHECKPOINT [--density D] --onnx FILE.onnx | --torch FILE.pt
 """
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ from ..nn.optim import SGD, Adam, make_schedule
 from ..nn.train import RESUMABLE_CHANGES, evaluate
 from ..validate import check_int
 from .experiment import RunConfig, load_data, run_dense, run_experiment
-from .golden import GOLDEN_VERSION, check_golden, write_golden
+from .export import export_onnx, load_network, to_torch
+from .golden import (CASE_NAMES, GOLDEN_VERSION, READ_VERSIONS, V1_CASES, check_golden,
+                     format_report, write_golden)
 from .report import format_table, plot_curve, plot_history
 from .runfolder import RunFolder, read_status
 
@@ -289,24 +292,35 @@ def cmd_golden(args):
     if (args.out is None) == (args.check is None):
         raise ValueError("golden needs exactly one of --out FILE (write) or --check FILE (verify)")
     if args.out:
-        path = write_golden(args.out, args.seed)
-        print(f"wrote {path} (format {GOLDEN_VERSION}; arrays documented in docs/golden-format.md)")
+        cases = CASE_NAMES if args.format_version == GOLDEN_VERSION else V1_CASES
+        path = write_golden(args.out, args.seed, [args.case] if args.case else cases, args.format_version)
+        print(f"wrote {path} (format {args.format_version}; arrays documented in docs/golden-format.md)")
         return 0
-    report = check_golden(args.check)
-    width = max(map(len, report))
-    failing = [name for name, r in report.items() if not r["max_diff"] <= args.tol]   # NaN fails
-    for name, r in report.items():
-        print(f"{name:<{width}}  max abs diff {r['max_diff']:.3e}"
-              f"{'   <-- above tolerance' if name in failing else ''}")
-        if name in failing:
-            for i, ours, theirs in r["first"]:
-                print(f"{'':<{width}}    [{i}] ours {ours!r:<24} file {theirs!r:<24} "
-                      f"{'OK' if abs(ours - theirs) <= args.tol else 'NOT OK'}")
-    worst = max((r["max_diff"] for r in report.values()), key=lambda d: np.inf if np.isnan(d) else d)
-    verdict = "MISMATCH" if failing else "OK"
-    print(f"{len(report)} tensors, largest difference {worst:.3e} (tolerance {args.tol:g}); "
-          f"{len(failing)} above it: {verdict}")
-    return 1 if failing else 0
+    report = check_golden(args.check, args.case, args.seed, args.tol)
+    print("\n".join(format_report(report)))
+    return 0 if report.ok else 1
+
+
+def cmd_export(args):
+    if args.onnx is None and args.torch is None:
+        raise ValueError("export needs at least one of --onnx FILE or --torch FILE")
+    net, spec = load_network(args.checkpoint)
+    what = "the model" if args.density is None else f"the sub-network at density {args.density:g}"
+    try:
+        if args.onnx:
+            if "input_shape" not in spec:
+                raise ValueError(f"{args.checkpoint}: its model spec has no input_shape; ONNX needs one")
+            export_onnx(net, args.onnx, spec["input_shape"], args.density)
+            print(f"wrote {args.onnx}: {what} as ONNX (masked weights stored densely: a portability "
+                  f"format, not the fast path)")
+        if args.torch:
+            import torch  # optional dependency: only --torch needs it
+            torch.save(to_torch(net, args.density).state_dict(), args.torch)
+            print(f"wrote {args.torch}: {what} as a torch.nn.utils.prune state dict (weight_orig, "
+                  f"weight_mask); load it with minidress.app.export.torch_module(spec, state_dict=...)")
+    except ImportError as e:             # one line naming what to install, not a traceback
+        raise ValueError(f"export needs the optional package {e.name!r}: pip install \".[torch,onnx]\"") from None
+    return 0
 
 
 def build_parser():
@@ -332,13 +346,29 @@ def build_parser():
     p = sub.add_parser("inspect", help="show what a DRESS store (store.npz) holds and saves")
     p.add_argument("store")
     p.set_defaults(func=cmd_inspect)
-    p = sub.add_parser("golden", help="write or check the golden vectors of one DRESS step",
+    p = sub.add_parser("golden", help="write or check golden vectors of DRESS steps (cross-checking)",
                        formatter_class=_HelpFormatter)
     p.add_argument("--out", default=None, help="write the golden file here")
-    p.add_argument("--check", default=None, help="recompute a golden file and report differences")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tol", type=float, default=1e-10)
+    p.add_argument("--check", default=None,
+                   help="check a golden file (minidress's or another implementation's): inputs "
+                        "against the seed's, every other tensor against minidress's recomputation")
+    p.add_argument("--case", default=None, choices=CASE_NAMES, help="write or check this case only")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the inputs; --check reads it from the file's __meta__ (this one "
+                        "serves a file without __meta__)")
+    p.add_argument("--tol", type=float, default=None,
+                   help="absolute tolerance for every case (default: each case's documented one)")
+    p.add_argument("--format-version", type=int, default=GOLDEN_VERSION, choices=READ_VERSIONS,
+                   help="--out: format 1 writes the mlp and cnn cases as format 1 did")
     p.set_defaults(func=cmd_golden)
+    p = sub.add_parser("export", help="export a checkpoint's sub-network to ONNX or a PyTorch state dict",
+                       formatter_class=_HelpFormatter)
+    p.add_argument("checkpoint")
+    p.add_argument("--density", type=float, default=None,
+                   help="the sub-network to export (required for a DRESS checkpoint)")
+    p.add_argument("--onnx", default=None, help="write the ONNX model here")
+    p.add_argument("--torch", default=None, help="write the torch state dict (torch.save) here")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

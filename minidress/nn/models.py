@@ -117,9 +117,13 @@ def _layer_from_spec(layer, rng, dtype):
     if kind == "conv2d":
         return Conv2d(layer["in_channels"], layer["out_channels"], layer["kernel_size"],
                       layer["stride"], layer["padding"], rng, dtype)
+    if kind == "batchnorm":
+        return BatchNorm(layer["num_features"], layer["momentum"], layer["eps"], dtype)
+    if kind == "maxpool2d":
+        return MaxPool2d(layer["kernel_size"], layer["stride"])
     if kind in ("relu", "flatten"):
         return ReLU() if kind == "relu" else Flatten()
-    raise ValueError(f"layer type must be linear, conv2d, relu or flatten, got {kind!r}")
+    raise ValueError(f"layer type must be linear, conv2d, batchnorm, maxpool2d, relu or flatten, got {kind!r}")
 
 
 def build_model(spec, seed=0, dtype=np.float32, rng=None):
@@ -133,8 +137,10 @@ def build_model(spec, seed=0, dtype=np.float32, rng=None):
           (``preact_resnet``);
         * ``{"layers": [{"type": "linear", "in": int, "out": int}, {"type": "conv2d",
           "in_channels": int, "out_channels": int, "kernel_size": int, "stride": int,
-          "padding": int}, {"type": "relu"}, {"type": "flatten"}, ...]}``: a ``Sequential`` of
-          those layers (the golden file's networks; see ``docs/golden-format.md``).
+          "padding": int}, {"type": "batchnorm", "num_features": int, "momentum": float,
+          "eps": float}, {"type": "maxpool2d", "kernel_size": int, "stride": int},
+          {"type": "relu"}, {"type": "flatten"}, ...]}``: a ``Sequential`` of those layers (the
+          golden file's networks; see ``docs/golden-format.md``).
     seed, rng : the initial weights come from ``rng`` if given, else ``default_rng(seed)``
     dtype : float32 (default) or float64
     """
@@ -144,10 +150,7 @@ def build_model(spec, seed=0, dtype=np.float32, rng=None):
     name, shape, n = spec["name"], tuple(spec["input_shape"]), spec["n_classes"]
     if name == "mlp":
         return mlp([int(np.prod(shape)), *spec.get("hidden", (300, 100)), n], rng=rng, dtype=dtype)
-    if name == "lenet5":
-        return lenet5(shape, n, rng=rng, dtype=dtype)
-    if name == "cnn":
-        return small_cnn(shape, n, rng=rng, dtype=dtype)
-    if name == "resnet":
-        return preact_resnet(shape, n, rng=rng, dtype=dtype)
+    builders = {"lenet5": lenet5, "cnn": small_cnn, "resnet": preact_resnet}
+    if name in builders:
+        return builders[name](shape, n, rng=rng, dtype=dtype)
     raise ValueError(f"model must be one of {MODELS}; got {name!r}")
