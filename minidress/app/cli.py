@@ -16,7 +16,6 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-import numpy as np
 
 
 from ..checkpoint import load_checkpoint
