@@ -4,7 +4,9 @@ For every weight shape, batch and density, the same product ``y = (W * M) x`` is
 
 * ``minidress``: the Numba row-sparse kernel on a rank-ordered store that holds every density
   (``values``/``cols`` with all ``row_len`` entries per row; the density only sets the prefix),
-  gather kernel at batch 1, feature-major kernel otherwise (``minidress.kernels``);
+  gather kernel at batch 1, feature-major kernel otherwise (``minidress.kernels``); at batch 1
+  also ``minidress transposed``, the deployed model's kernel on the ``[kmax, rows]`` layout
+  (``minidress.kernels.serving.matvec_t``, vector gathers, one thread);
 * ``numpy``: dense ``W * M`` times ``x`` (OpenBLAS);
 * ``scipy csr``: a ``scipy.sparse`` CSR matrix of ``W * M`` times ``x``;
 * ``torch`` and ``torch csr``: the same in PyTorch CPU (skipped when torch is not installed).
@@ -84,8 +86,12 @@ def methods(w, values, cols, k, xt, torch):
     fns = {"minidress": ours, "numpy": lambda: wm @ x, "scipy csr": lambda: csr @ x}
     if vec:       # the single-threaded loop too: is waking the second thread worth it here?
         from minidress.kernels.rowsparse import _matvec_rows
+        from minidress.kernels.serving import matvec_t, transpose_rowsparse
         y = np.empty(len(values), values.dtype)
         fns["minidress 1 thread"] = lambda: _matvec_rows(values, cols, k, x, y, 0, len(values))
+        # the deployed model's batch-1 kernel: transposed layout, vector gathers, one thread
+        vt, ct = transpose_rowsparse(values, cols)
+        fns["minidress transposed"] = lambda: matvec_t(vt, ct, k, x, y)
     if torch is not None:
         tw, tx = torch.from_numpy(wm), torch.from_numpy(x)
         with warnings.catch_warnings():       # "sparse CSR support is in beta"

@@ -1,24 +1,27 @@
 """Real-time switching: what a switch costs, what re-sampling masks costs, and a budget trace.
 
-1. **Switch cost**: ``DeployedModel.set_density`` on the row-sparse store (changes prefix
-   lengths) against the rebuilding backends: a dense masked matrix per layer, a scipy CSR matrix
-   built from ``W * M`` (what a general sparse library does), and, for reference, CSR built
-   directly from the store's prefix (the cheapest CSR can be).
+1. **Switch cost**: ``DeployedModel.set_density`` on the compiled row-sparse model (a lookup and
+   two assignments) against the rebuilding backends: a dense masked matrix per layer, a scipy
+   CSR matrix built from ``W * M`` (what a general sparse library does), and, for reference,
+   CSR built directly from the store's prefix (the cheapest CSR can be).
 2. **Re-sampling on the device**: deriving the mask of a new density from dense weights, with a
    per-row partial sort (``np.argpartition``), a full per-row sort (``row_ranks``) and one sort of
-   the whole layer (what a layer-wise top-k needs).
-3. **A budget trace** (``minidress.deploy.realtime``): requests with a changing time budget, served by
-   DRESS switching per request, by a fixed dense model and by a CSR model that must be rebuilt
-   to switch. Deadline misses, accuracy and switch cost per model.
+   the whole layer (what a layer-wide top-k needs).
+3. **A budget trace** (``minidress.deploy.realtime``) at every ``--batches`` size: requests with
+   a changing time budget, served by DRESS switching per request, a fixed dense model (NumPy,
+   and PyTorch if installed), a fixed model at the sparsest level, and a CSR model that must be
+   rebuilt to switch. Deadline misses, accuracy and switch cost per model, and a plot of
+   latency against density for every backend (``--plot``).
 
 The model: a store from ``--store`` (e.g. ``runs/dress-.../store.npz``), or else a DRESS MLP
 trained here on ``--dataset`` (digits by default, ~20 s) with every layer sparsified.
 
-    python benchmarks/bench_switch.py
-    python benchmarks/bench_switch.py --dataset mnist --data-dir ../shared/data/mnist --batch 16
+    python benchmarks/bench_switch.py                              # batches 1, 32, 256
+    python benchmarks/bench_switch.py --dataset mnist --data-dir ../shared/data/mnist --batches 16
     python benchmarks/bench_switch.py --store runs/dress-digits-cnn-seed0/store.npz
 
-Nothing is asserted.
+One thread for every library by default (``--threads``): on a shared 2-core machine a second
+thread mostly waits for a core. Nothing is asserted.
 """
 from __future__ import annotations
 
@@ -35,10 +38,13 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=None)
     p.add_argument("--hidden", default="512,512")
     p.add_argument("--epochs", type=int, default=5, help="pre-train and joint epochs of the quick model")
-    p.add_argument("--batch", type=int, default=1, help="samples per request")
+    p.add_argument("--batches", default="1,32,256", help="samples per request, one trace each")
     p.add_argument("--requests", type=int, default=600)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--plot", default="latency_vs_density.png", help="'' for no plot")
+    p.add_argument("--no-torch", action="store_true")
     args = p.parse_args(argv)
+    args.batches = [int(b) for b in args.batches.split(",")]
     if args.dataset == "mnist" and args.data_dir is None and DEFAULT_DATA_DIR.is_dir():
         args.data_dir = str(DEFAULT_DATA_DIR)
     return args
@@ -68,9 +74,10 @@ def main(argv=None):
     numba.set_num_threads(args.threads)
     from minidress.app.experiment import RunConfig, load_data
     from minidress.masks import n_kept, row_ranks
-    from minidress.deploy.realtime import budget_trace, serve
     from minidress.deploy.runtime import DeployedModel
     from minidress.deploy.store import Store
+    from bench_serving import machine_report
+    print(machine_report(args.threads))
     print(blas_threads_report(args.threads, applied))
 
     store = Store.load(args.store) if args.store else quick_store(args)
@@ -124,21 +131,47 @@ def main(argv=None):
     print("(The partial sort keeps the top k of a row but not their order, and breaks ties "
           "arbitrarily; the full sort gives the ranks that serve every density.)")
 
-    # 3. A budget trace -------------------------------------------------------------------------
+    # 3. A budget trace per batch size -----------------------------------------------------------
     ds, _, x_test = load_data(RunConfig(dataset=store.meta.get("dataset", args.dataset), data_dir=args.data_dir))
     x_test, y_test = x_test.astype(store.dtype), ds.y_test
-    densities = sorted({*store.levels, 0.05, 0.2, 0.35, 0.75} if store.order == "rank" else store.levels)
+    # Densities between the sparsest trained level and 1: below its sparsest level a DRESS model
+    # was never trained and loses its accuracy (README), so a controller should not go there.
+    sparsest = min(store.levels)
+    extra = [d for d in (0.15, 0.2, 0.35, 0.75) if d > sparsest]
+    densities = sorted({*store.levels, *extra} if store.order == "rank" else store.levels)
+    torch_net = None if args.no_torch else torch_dense(store, args.threads)
+    curves = {}
+    for batch in args.batches:
+        curves[batch] = trace(args, store, models, torch_net, densities, sparsest, batch, x_test, y_test)
+    if args.plot:
+        plot(curves, args.plot)
+        print(f"\nlatency against density: {args.plot}")
+
+
+def trace(args, store, models, torch_net, densities, sparsest, batch, x_test, y_test):
+    """One budget trace at ``batch`` samples per request; returns the latency curves (ms)."""
+    from minidress.deploy.realtime import budget_trace, serve
     for name in ("rowsparse", "csr"):
-        models[name].latency_profile(densities, batch=args.batch)
-    dense_ms = 1000 * models["dense"].latency_profile([1.0], batch=args.batch)[1.0]
+        models[name].latency_profile(densities, batch=batch)
+    curves = {"DRESS (compiled)": models["rowsparse"].profile["seconds"],
+              "CSR (without rebuilds)": models["csr"].profile["seconds"],
+              "numpy dense, density 1": models["dense"].latency_profile([1.0], batch=batch)}
+    if torch_net is not None:
+        curves["torch dense, density 1"] = torch_net.latency_profile([1.0], batch=batch)
+    # the trace's unit: the dense model's median latency (one slow call would stretch a 90th percentile)
+    dense_ms = 1000 * models["dense"].latency_profile([1.0], batch=batch, quantile=0.5)[1.0]
     budgets = budget_trace(args.requests, reference_ms=dense_ms, seed=0)
-    print(f"\n## 3. Budget trace: {args.requests} requests of {args.batch} sample(s), budgets "
-          f"{budgets.min():.3f}-{budgets.max():.3f} ms (dense model: {dense_ms:.3f} ms)\n")
-    print("latency profile (ms): " + ", ".join(
-        f"{d:g}: {1000 * s:.3f}" for d, s in models["rowsparse"].profile["seconds"].items()))
-    runs = {"DRESS, switching per request": serve(models["rowsparse"], budgets, x_test, y_test, batch=args.batch),
-            "dense model, fixed": serve(models["dense"], budgets, x_test, y_test, "fixed", 1.0, args.batch),
-            "CSR, rebuilt to switch": serve(models["csr"], budgets, x_test, y_test, batch=args.batch)}
+    print(f"\n## 3. Budget trace: {args.requests} requests of {batch} sample(s), budgets "
+          f"{budgets.min():.3f}-{budgets.max():.3f} ms (numpy dense model, median: {dense_ms:.3f} ms)\n")
+    for name, prof in curves.items():
+        print(f"latency profile, {name} (ms): " + ", ".join(f"{d:g}: {1000 * t:.3f}" for d, t in prof.items()))
+    runs = {"DRESS, switching per request": serve(models["rowsparse"], budgets, x_test, y_test, batch=batch),
+            "numpy dense model, fixed": serve(models["dense"], budgets, x_test, y_test, "fixed", 1.0, batch),
+            f"DRESS fixed at the sparsest level ({sparsest:g})":
+                serve(models["rowsparse"], budgets, x_test, y_test, "fixed", sparsest, batch),
+            "CSR, rebuilt to switch": serve(models["csr"], budgets, x_test, y_test, batch=batch)}
+    if torch_net is not None:
+        runs["torch dense model, fixed"] = serve(torch_net, budgets, x_test, y_test, "fixed", 1.0, batch)
     print("\n| model | deadline misses | accuracy | mean density | switches | switch time total (ms) "
           "| largest switch (ms) | median latency (ms) |\n|---|---|---|---|---|---|---|---|")
     for name, r in runs.items():
@@ -146,6 +179,65 @@ def main(argv=None):
         print(f"| {name} | {s['missed']} ({100 * s['miss_rate']:.1f}%) | {100 * s['accuracy']:.2f}% | "
               f"{s['mean_density']:.3f} | {s['switches']} | {1000 * s['switch_s_total']:.3f} | "
               f"{1000 * s['switch_s_max']:.3f} | {s['median_latency_ms']:.3f} |")
+    return curves
+
+
+class torch_dense:
+    """The store's network at density 1 in PyTorch, with the interface ``serve`` needs (a model
+    that never switches). None of the DRESS machinery: the fixed dense model a PyTorch user has."""
+
+    def __new__(cls, store, threads):
+        try:
+            import torch
+        except ImportError:
+            return None
+        self = super().__new__(cls)
+        torch.set_num_threads(threads)
+        from bench_serving import torch_model
+        self.torch, self.net, self.density = torch, torch_model(store, torch), 1.0
+        self.input_shape = tuple(store.meta["model"]["input_shape"])
+        return self
+
+    def set_density(self, d):
+        return self
+
+    def predict(self, x):
+        with self.torch.inference_mode():
+            return self.net(self.torch.from_numpy(x)).numpy()
+
+    def latency_profile(self, densities, batch, repeats=30, quantile=0.9):
+        """As ``DeployedModel.latency_profile``: a warm-up, then the ``quantile`` of ``repeats``."""
+        import time
+
+        import numpy as np
+        x = np.random.default_rng(0).standard_normal((batch, *self.input_shape)).astype(np.float32)
+        self.predict(x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self.predict(x)
+            times.append(time.perf_counter() - t0)
+        return {1.0: float(np.quantile(times, quantile))}
+
+
+def plot(curves, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.6), squeeze=False)
+    for ax, (batch, cs) in zip(axes[0], curves.items()):
+        for i, (name, prof) in enumerate(cs.items()):
+            d, t = list(prof), [1000 * v for v in prof.values()]
+            if len(d) == 1:
+                ax.axhline(t[0], color=f"C{i}", ls="--", label=name)
+            else:
+                ax.plot(d, t, "o-", color=f"C{i}", label=name)
+        ax.set(xlabel="density", ylabel="latency per request (ms, 90th percentile)", xscale="log",
+               yscale="log", title=f"{batch} sample(s) per request")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""The deployed model: the same logits as the training-time model at every density, switching
-without copies, MACs, and the latency-driven choice of density."""
+"""The deployed model: the same logits as the training-time model at every density and on every
+path (row-sparse kernels, BLAS, the faster of the two), switching without copies, MACs, the
+densities a store can serve, and the latency-driven choice of density."""
 import numpy as np
 import pytest
+from numba import config as numba_config
 from test_store import make_dress
 
 from minidress.nn.metrics import macs
@@ -10,25 +12,61 @@ from minidress.deploy.store import Store
 from minidress.nn.train import predict_logits
 
 CASES = [("mlp", (1, 8, 8)), ("cnn", (1, 8, 8)), ("lenet5", (1, 28, 28)), ("resnet", (1, 12, 12))]
+# Without the JIT every kernel runs as Python loops: fewer densities keep the suite quick.
+DENSITIES = (1.0, 0.33, 0.04) if numba_config.DISABLE_JIT else (1.0, 0.33, 0.5, 0.25, 0.1, 0.04)
 
 
 @pytest.mark.parametrize("name,shape", CASES)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_deployed_logits_match_the_dress_model_at_any_density(name, shape, dtype):
     dress, meta = make_dress(name, shape, dtype)
-    deployed = DeployedModel.from_store(Store.from_dress(dress, "rank", meta))
+    store = Store.from_dress(dress, "rank", meta)
+    models = [DeployedModel.from_store(store, paths=p) for p in ("sparse", "auto", "dense")]
     x = np.random.default_rng(2).standard_normal((6, *shape)).astype(dtype)
     tol = 1e-12 if dtype == np.float64 else 2e-5
-    for d in (1.0, 0.5, 0.25, 0.1, 0.33, 0.04):
+    for d in DENSITIES:
         dress.use(d)
         ref = predict_logits(dress.model, x)
-        deployed.set_density(d)
-        for batch in (x, x[:1]):              # batch 1 takes the gather kernel
-            out = deployed.predict(batch)
-            assert out.dtype == dtype and out.shape == (len(batch), 10)
-            diff = np.abs(out - ref[:len(batch)]).max()
-            assert diff <= tol * max(1.0, np.abs(ref).max()), f"{name} d={d}: ours vs Dress, max abs diff {diff:.3e}"
-        assert deployed.macs() == macs(dress.model, shape)
+        for deployed in models if d in DENSITIES[:2] else models[:1]:      # BLAS: the same everywhere
+            deployed.set_density(d)
+            for batch in (x, x[:1]):              # batch 1 takes the one-sample path
+                out = deployed.predict(batch)
+                assert out.dtype == dtype and out.shape == (len(batch), 10)
+                diff = np.abs(out - ref[:len(batch)]).max()
+                assert diff <= tol * max(1.0, np.abs(ref).max()), \
+                    f"{name} d={d} paths={deployed._compiled.paths}: ours vs Dress, max abs diff {diff:.3e}"
+            assert deployed.macs() == macs(dress.model, shape)
+
+
+def test_feature_major_input_gives_the_same_logits():
+    for name, shape in (("mlp", (1, 8, 8)), ("cnn", (2, 8, 8))):
+        dress, meta = make_dress(name, shape, np.float64)
+        deployed = DeployedModel.from_store(Store.from_dress(dress, "rank", meta)).set_density(0.3)
+        x = np.random.default_rng(4).standard_normal((5, *shape))
+        ref = deployed.predict(x)
+        xt = np.ascontiguousarray(x.transpose(1, 0, 2, 3))
+        assert np.array_equal(deployed.predict(xt, feature_major=True), ref)
+        if name == "mlp":                         # a model that flattens first also takes [C*H*W, N]
+            assert np.array_equal(deployed.predict(x.reshape(5, -1).T, feature_major=True), ref)
+        with pytest.raises(ValueError, match="feature-major x must have shape"):
+            deployed.predict(x, feature_major=True)
+
+
+def test_a_store_without_level_1_refuses_denser_densities():
+    """A model trained without level 1.0 stores n_kept(0.5) entries per row: a longer prefix
+    does not exist. (Before the fix the compiled kernels read past the arrays, exit 139.)"""
+    dress, meta = make_dress("mlp", (1, 8, 8), np.float64, levels=[0.5, 0.25])
+    store = Store.from_dress(dress, "rank", meta)
+    x = np.random.default_rng(0).standard_normal((3, 1, 8, 8))
+    for backend in ("rowsparse", "dense", "csr"):
+        deployed = DeployedModel.from_store(store, backend)
+        assert deployed.density == 0.5
+        for d in (1.0, 0.51):
+            with pytest.raises(ValueError, match=f"density {d} is above the densest stored level 0.5"):
+                deployed.set_density(d)
+        assert deployed.density == 0.5                # unchanged by the refusal
+        dress.use(0.5)
+        np.testing.assert_allclose(deployed.predict(x), predict_logits(dress.model, x), atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", ["dense", "csr"])
@@ -41,7 +79,10 @@ def test_rebuilding_backends_compute_the_same_network(backend):
         np.testing.assert_allclose(other.set_density(d).predict(x), ours.set_density(d).predict(x),
                                    rtol=1e-12, atol=1e-12)
         assert other.macs() == ours.macs()
-    assert other.weight_bytes() > store.nbytes() == ours.weight_bytes()
+    for m in (ours, other):
+        mem = m.memory_bytes()
+        assert mem["store"] == store.nbytes() and mem["serving"] > 0
+        assert mem["total"] == mem["store"] + mem["serving"] == m.weight_bytes()
     with pytest.raises(ValueError, match="backend must be one of"):
         DeployedModel.from_store(store, "gpu")
 
@@ -49,17 +90,41 @@ def test_rebuilding_backends_compute_the_same_network(backend):
 def test_switching_copies_nothing_and_changes_only_prefix_lengths():
     dress, meta = make_dress("mlp", (1, 8, 8), np.float32)
     store = Store.from_dress(dress, "rank", meta)
-    deployed = DeployedModel.from_store(store)
-    sparse = [p for p in deployed._products if p.sparse is not None]
-    assert sparse and all(p.sparse is store.sparse[n] for p, n in zip(sparse, store.sparse))
-    before = {k: v.copy() for k, v in store.arrays().items()}
+    deployed = DeployedModel.from_store(store, paths="sparse")
+    net = deployed._compiled
+    x = np.zeros((1, 1, 8, 8), np.float32)
+    for d in (1.0, 0.1, 0.5, 0.07):               # first use: each density's plan is worked out
+        deployed.set_density(d).predict(x)
+    arrays = {k: getattr(net, k) for k in ("code", "layers", "params", "index", "dense")}
+    before = {k: v.copy() for k, v in arrays.items()}
     ks = []
     for d in (1.0, 0.1, 0.5, 0.07):
         deployed.set_density(d)
-        ks.append([p.k for p in sparse])
+        ks.append(list(deployed._plan_now[2]))
     assert ks[1] == [max(1, int(0.1 * 24 + 0.5))] and ks[3] == [2]
-    assert all(np.array_equal(before[k], v) for k, v in store.arrays().items())
-    assert deployed.weight_bytes() == store.nbytes()
+    assert all(getattr(net, k) is v and np.array_equal(before[k], v) for k, v in arrays.items())
+    mem = deployed.memory_bytes()
+    # the transposed copy holds the sparse entries once more (columns as uint16, here from uint8)
+    rs = next(iter(store.sparse.values()))
+    assert mem["parts"]["transposed"] >= rs.values.nbytes + 2 * rs.cols.size
+
+
+def test_dense_path_is_chosen_per_layer_and_density():
+    dress, meta = make_dress("mlp", (1, 8, 8), np.float64, dense_first_last=False)
+    store = Store.from_dress(dress, "rank", meta)
+    deployed = DeployedModel.from_store(store)
+    deployed._calibrated = True                     # a known crossover instead of a measurement
+    net = deployed._compiled
+    net.crossover[:] = [[p["row_len"] // 2 for p in net.products], [p["row_len"] + 1 for p in net.products]]
+    x = np.random.default_rng(1).standard_normal((4, 1, 8, 8))
+    for d, one_sample_dense in ((0.25, False), (0.75, True)):
+        deployed.set_density(d)
+        ref = DeployedModel.from_store(store, paths="sparse").set_density(d).predict(x)
+        np.testing.assert_allclose(deployed.predict(x), ref, atol=1e-12)
+        deployed.predict(x[:1])
+        state = deployed._plan_now[3]
+        assert np.all((state[1] >= 0) == one_sample_dense) and np.all(state[2] < 0)
+    assert deployed.memory_bytes()["parts"]["dense"] == sum(p["rows"] * p["row_len"] * 8 for p in net.products)
 
 
 def test_level_major_store_serves_only_its_levels():
@@ -85,6 +150,12 @@ def test_bad_input_and_densities_are_rejected():
         deployed.predict(np.zeros((2, 1, 8, 8)))
     with pytest.raises(ValueError, match="latency_profile"):
         deployed.choose_density(1.0)
+    for kwargs, msg in (({"repeats": 0}, "repeats must be a positive integer"),
+                        ({"batch": 0}, "batch must be a positive integer"),
+                        ({"densities": []}, "at least one density"),
+                        ({"quantile": 0}, "quantile must be in")):
+        with pytest.raises(ValueError, match=msg):
+            deployed.latency_profile(**{"densities": [0.5], **kwargs})
 
 
 def test_choose_density_takes_the_densest_that_fits():

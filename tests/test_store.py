@@ -1,13 +1,18 @@
 """The parameter-reusing store: every level a prefix of every row, exact round trips, honest byte
-counts, and a loader that rejects every damaged file with ArchiveError (fuzzed)."""
+counts, a loader that rejects every damaged file with ArchiveError (fuzzed), and ``validate``:
+one set of checks for files and for stores in memory, after which the store is read-only."""
+import tracemalloc
+
 import numpy as np
 import pytest
 
 from minidress.checkpoint import ArchiveError, read_archive, write_archive
+from minidress.deploy import store as store_module
 from minidress.dress import Dress, DressOptions, build_dress
 from minidress.masks import n_kept
-from minidress.deploy.store import Store, pack_rows
+from minidress.deploy.store import STORE_KIND, Store, pack_rows
 from minidress.nn.train import predict_logits
+from test_checkpoint import resign
 
 CFG = {"levels": [1.0, 0.5, 0.25, 0.1], "lambdas": "uniform", "resample_every": 0, "ramp": "none",
        "norm": "per_level", "dense_first_last": True}
@@ -76,7 +81,8 @@ def test_save_load_to_dress_gives_the_same_network_at_any_density(tmp_path, name
     loaded = Store.load(store.save(tmp_path / "s.npz"))
     for k, v in store.arrays().items():
         assert np.array_equal(v, loaded.arrays()[k]) and v.dtype == loaded.arrays()[k].dtype
-    again = Dress.from_store(loaded)
+        assert not v.flags.writeable and not loaded.arrays()[k].flags.writeable   # validated
+    again = Dress.from_store(loaded)                  # copies the read-only arrays into a model
     x = np.random.default_rng(1).standard_normal((4, *shape))
     for d in (1.0, 0.5, 0.25, 0.1, 0.37, 0.03):
         dress.use(d)
@@ -112,16 +118,8 @@ def saved(tmp_path_factory):
 
 
 def rewrite(src, dst, edit_arrays=None, edit_meta=None):
-    """A validly checksummed copy of ``src`` with edited contents: what a tamperer would write."""
-    arrays, meta = read_archive(src, "minidress.store", {1})
-    if edit_arrays:
-        edit_arrays(arrays)
-    if edit_meta:
-        edit_meta(meta)
-    version = meta.pop("format_version")
-    kind = meta.pop("kind")
-    meta.pop("minidress_version")
-    return write_archive(dst, arrays, meta, kind, version)
+    """A validly checksummed copy of the store ``src`` with edited contents."""
+    return resign(src, dst, STORE_KIND, edit_arrays, edit_meta)
 
 
 def first_sparse(arrays):
@@ -151,6 +149,18 @@ TAMPERING = {
     "bad model": (None, lambda m: m["model"].__setitem__("name", "vgg"), "does not describe a model"),
     "bad shape": (None, lambda m: m["sparse_layers"].__setitem__(next(iter(m["sparse_layers"])), [0, 3]),
                   "weight shape"),
+    # Loaded before the checks of issue "Robust by construction" (or raised another exception):
+    "infinite dense value": (lambda a: _set(a, "dense/1.bias", lambda b: b.__setitem__(0, np.inf) or b), None,
+                             "dense/1.bias holds NaN or infinite"),
+    "config levels in another order": (None, lambda m: m["config"]["levels"].reverse(),
+                                       "differ from the config's levels"),
+    "levels not an array": (None, lambda m: m.__setitem__("levels", "1.0"), "'levels' must be a JSON array"),
+    "layers not an object": (None, lambda m: m.__setitem__("sparse_layers", [[24, 64]]),
+                             "'sparse_layers' must be a JSON object"),
+    "per_level of lists": (None, lambda m: m.__setitem__("per_level", [["a"]]), "per_level must name arrays"),
+    "model a list": (None, lambda m: m.__setitem__("model", ["mlp"]), "'model' must be a JSON object"),
+    "model of 10^12 classes": (None, lambda m: m["model"].__setitem__("n_classes", 10 ** 12),
+                               "describes more weights than the store"),
 }
 
 
@@ -158,9 +168,24 @@ TAMPERING = {
 def test_tampered_but_checksummed_files_are_rejected(saved, tmp_path, case):
     edit_arrays, edit_meta, message = TAMPERING[case]
     path = rewrite(saved, tmp_path / "bad.npz", edit_arrays, edit_meta)
-    with pytest.raises(ArchiveError, match=message) as err:
-        Store.load(path)
-    assert "bad.npz" in str(err.value)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ArchiveError, match=message) as err:
+            Store.load(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "bad.npz" in str(err.value) and "\n" not in str(err.value)
+    assert peak < 16 << 20, f"refusing {case} allocated {peak} bytes"
+
+
+def test_a_negative_batch_norm_variance_is_refused(cnn, tmp_path):
+    """Before: loaded, and normalised with the square root of a negative number."""
+    path = Store.from_dress(cnn[0], "rank", cnn[1]).save(tmp_path / "cnn.npz")
+    bad = rewrite(path, tmp_path / "bad.npz", lambda a: _set(a, "dense/1.running_var",
+                                                             lambda v: v.__setitem__((2, 0), -0.25) or v))
+    with pytest.raises(ArchiveError, match="bad.npz: dense/1.running_var holds a negative variance"):
+        Store.load(bad)
 
 
 def test_a_store_without_model_metadata_is_not_saved(cnn, tmp_path):
@@ -206,3 +231,92 @@ def test_fuzzed_files_fail_only_with_archive_error(saved, tmp_path):
         assert loaded.keys() == original.keys()
         assert all(np.array_equal(loaded[k], original[k]) for k in original)
     assert outcomes["rejected"] >= 0.9 * len(cases), outcomes
+
+
+# ---------------------------------------------------------------------------------------------
+# validate(): the checks of load, for a store in memory; then read-only
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def packed(cnn):
+    return Store.from_dress(cnn[0], "rank", cnn[1])
+
+
+def test_packed_and_loaded_stores_are_validated_and_read_only(packed, saved):
+    for store in (packed, Store.load(saved)):
+        assert store.validate() is store
+        assert all(not a.flags.writeable for a in store.arrays().values())
+        rs = next(iter(store.sparse.values()))
+        with pytest.raises(ValueError, match="read-only"):
+            rs.cols[0, 0] = 0
+
+
+def _replace(array_name, fn):
+    """Edit a store in memory: the named RowSparse array replaced by ``fn`` of a copy."""
+    def edit(store):
+        rs = next(iter(store.sparse.values()))
+        setattr(rs, array_name, fn(getattr(rs, array_name).copy()))
+    return edit
+
+
+def _unlock_and_poison(store):
+    rs = next(iter(store.sparse.values()))
+    rs.values.flags.writeable = True        # the owner can undo the flag; validate() notices
+    rs.values[0, 0] = np.nan
+
+
+IN_MEMORY = {
+    "column out of range": (_replace("cols", lambda c: c.__setitem__((0, 0), 288) or c),
+                            "store: sparse/3/cols holds column 288, out of range for rows of 288"),
+    "values unlocked and poisoned": (_unlock_and_poison, "store: sparse/3/values holds NaN"),
+    "values of ints": (_replace("values", lambda v: v.astype(np.int64)), "store: sparse/3/values must be float32"),
+    "values of another float": (_replace("values", lambda v: v.astype(np.float32)), "store: arrays mix float dtypes"),
+    "another weight shape": (lambda s: setattr(next(iter(s.sparse.values())), "shape", (32, 16, 3, 3)),
+                             "store: sparse/3/prefix must be"),
+    "config levels reordered": (lambda s: s.meta["config"].__setitem__("levels", [0.1, 0.25, 0.5, 1.0]),
+                                "store: levels .* differ from the config's levels"),
+    "a batch norm dropped": (lambda s: s.dense.pop("1.running_var"), "store: dense arrays differ from the model's"),
+    "a list for an array": (lambda s: s.dense.__setitem__("1.bias", [0.0] * 32), "store: dense/1.bias must be a NumPy array"),
+}
+
+
+@pytest.mark.parametrize("case", IN_MEMORY)
+def test_validate_refuses_a_store_changed_in_memory(packed, case):
+    """Before, only Store.load checked: DeployedModel.from_store ran its kernels (which do not
+    check bounds) over whatever a store held, and an out-of-range column read past the input."""
+    edit, message = IN_MEMORY[case]
+    edit(packed)
+    with pytest.raises(ArchiveError, match=message) as err:
+        packed.validate()
+    assert "\n" not in str(err.value)
+
+
+def test_validate_checks_again_only_after_a_change(packed, monkeypatch):
+    """On an unchanged validated store validate() compares identities and flags, no more."""
+    calls = []
+    check = store_module._check_against_model
+    monkeypatch.setattr(store_module, "_check_against_model", lambda s, m: calls.append(1) or check(s, m))
+    for _ in range(100):
+        assert packed.validate() is packed
+    assert calls == []
+    rs = next(iter(packed.sparse.values()))
+    rs.values = rs.values.copy()                    # equal, but a new (writable) array
+    packed.validate()
+    assert calls == [1] and not rs.values.flags.writeable
+    packed.meta["dataset"] = "digits"
+    packed.validate()
+    assert calls == [1, 1]
+
+
+def test_a_store_without_a_model_spec_counts_bytes_but_is_not_valid(cnn):
+    store = Store.from_dress(cnn[0])
+    assert store.accounting()["nested"] == store.nbytes()
+    with pytest.raises(ArchiveError, match="store: meta must hold the model spec and the DRESS config"):
+        store.validate()
+
+
+def test_an_invalid_store_is_never_saved(packed, tmp_path):
+    _replace("values", lambda v: v.__setitem__((0, 0), np.inf) or v)(packed)
+    with pytest.raises(ArchiveError, match="store: sparse/3/values holds NaN or infinite"):
+        packed.save(tmp_path / "s.npz")
+    assert not (tmp_path / "s.npz").exists()

@@ -1,26 +1,31 @@
 """A deployed DRESS model: one store, every density, switched in constant time.
 
 ``DeployedModel.from_store(store)`` turns a ``minidress.deploy.store.Store`` into an inference-only
-network. Its sparsified layers read the store's ``values``/``cols`` arrays themselves (no copy),
-through the Numba row-sparse kernels; everything else is dense NumPy. ``set_density(d)``
-changes one integer per sparsified layer (the prefix length ``n_kept(d, row_len)``) and one
-batch-norm slot index: nothing is copied, sorted or re-laid, so a switch costs about a
-microsecond whatever the model's size.
+network that runs as **one compiled call per request** (``minidress.deploy.compiled`` builds the
+program, ``minidress.kernels.program`` runs it): no Python between layers. Its sparsified
+layers run through the row-sparse kernels on a transposed copy of the store's entries (the
+batch-1 layout, built at load), or, at densities where that is faster on this machine, through
+BLAS on a masked dense matrix (``paths``). ``set_density(d)`` looks up the prefix lengths,
+batch-norm slot and paths it worked out for ``d`` before and assigns them: nothing is copied,
+sorted or re-laid, so a switch costs well under a microsecond whatever the model's size.
 
 Activations stay **feature-major** from input to logits: ``[features, batch]`` for vectors and
-``[C, N, H, W]`` for images (see ``minidress.kernels``). ``predict`` transposes once on the way
-in and once on the way out.
+``[C, N, H, W]`` for images (see ``minidress.kernels``). One sample, or a one-channel batch, is
+already feature-major in memory; other batches are turned feature-major inside the compiled
+call, or can be given feature-major (``predict(..., feature_major=True)``).
 
 Batch norm runs in eval mode, folded into a per-level ``scale, shift`` pair. A density between
 trained levels uses the slot of the nearest level (ties: the denser), the rule ``Dress.use`` follows (``minidress.masks.nearest_level``).
 
-For comparison the same network runs on two other backends, which must rebuild every sparsified
-layer to switch: ``"dense"`` (a masked dense matrix, BLAS) and ``"csr"`` (scipy CSR).
+For comparison the same network runs on two other backends, layer by layer in Python, which
+must rebuild every sparsified layer to switch: ``"dense"`` (a masked dense matrix, BLAS) and
+``"csr"`` (scipy CSR).
 
-Threads: the kernels use Numba's thread pool when a product is large enough to pay for it. On a
-machine whose cores are busy with other processes, a multi-threaded call can wait a whole
-scheduler quantum (milliseconds) for its second thread; for steady latency there, call
-``numba.set_num_threads(1)`` before serving (it applies to the calling thread).
+Threads: the compiled call runs on the calling thread, one request per thread; only its BLAS
+products (the dense path) may use BLAS's own pool. On a busy 2-core machine one thread per
+request was fastest (``benchmarks/bench_serving.py``): limit BLAS to one thread
+(``threadpoolctl.threadpool_limits(1)``, or ``OPENBLAS_NUM_THREADS=1`` before NumPy loads) and
+serve parallel requests from separate threads instead.
 """
 from __future__ import annotations
 
@@ -28,30 +33,28 @@ import time
 
 import numpy as np
 
+from numba import config as numba_config
+
 from ..im2col import im2col_cnhw
-from ..kernels import rowsparse_matmul, rowsparse_matvec
+from ..kernels.program import OP_FLATTEN
 from ..masks import check_density, n_kept, nearest_level
 from ..nn.layers import (AvgPool2d, BatchNorm, Conv2d, Flatten, GlobalAvgPool, Linear, MaxPool2d,
                          PreActBlock, ReLU, Sequential, avgpool_forward, fold_batchnorm, maxpool_forward)
 from ..nn.models import build_model
+from .compiled import CompiledNet
 
 
 BACKENDS = ("rowsparse", "dense", "csr")
 
 
 class _Product:
-    """``W @ x`` for a Linear (``x [in, N]``) or the im2col matrix of a conv.
+    """``W @ x`` for a Linear (``x [in, N]``) or the im2col matrix of a conv, in the baseline
+    backends, which hold a sparsified layer as a matrix rebuilt from the store at every switch:
+    ``"dense"`` a dense masked matrix ``W * M`` (BLAS), ``"csr"`` a ``scipy.sparse`` CSR matrix
+    of it, as a user of a general sparse library would do. A layer the store keeps dense is a
+    dense matrix in both."""
 
-    A layer the store keeps dense is a dense matrix. A sparsified layer, by ``backend``:
-
-    * ``"rowsparse"``: the store's ``values``/``cols`` at prefix ``k``, through the Numba kernels;
-      switching sets ``k``;
-    * ``"dense"``: a dense masked matrix ``W * M``, rebuilt from the store at every switch;
-    * ``"csr"``: a ``scipy.sparse`` CSR matrix of ``W * M``, rebuilt at every switch, as a user of
-      a general sparse library would do.
-    """
-
-    def __init__(self, store, name, backend="rowsparse"):
+    def __init__(self, store, name, backend):
         self.sparse, self.backend, self.k = store.sparse.get(name), backend, None
         if self.sparse is not None:
             self.rows, self.row_len = self.sparse.shape[0], self.sparse.row_len
@@ -65,22 +68,16 @@ class _Product:
         self.positions = 1      # output positions per sample (Ho*Wo for a conv), set by a dry run
 
     def set_prefix(self, k):
-        if k == self.k and self.backend != "rowsparse":
+        if k == self.k:
             return                  # the matrices of this prefix are already built
         self.k = k
-        if self.backend == "dense":
-            self.w = self.sparse.dense(k).reshape(self.rows, -1)
-        elif self.backend == "csr":
+        self.w = self.sparse.dense(k).reshape(self.rows, -1)
+        if self.backend == "csr":
             import scipy.sparse    # only this baseline backend needs scipy
-            self.w = scipy.sparse.csr_matrix(self.sparse.dense(k).reshape(self.rows, -1))
+            self.w = scipy.sparse.csr_matrix(self.w)
 
     def __call__(self, x):
-        if self.sparse is None or self.backend != "rowsparse":
-            y = self.w @ x
-        elif x.shape[1] == 1:     # one sample: a gather per row
-            y = rowsparse_matvec(self.sparse.values, self.sparse.cols, self.k, x[:, 0], check=False)[:, None]
-        else:
-            y = rowsparse_matmul(self.sparse.values, self.sparse.cols, self.k, x, check=False)
+        y = self.w @ x
         if self.bias is not None:
             y += self.bias[:, None]
         return y
@@ -147,27 +144,48 @@ class DeployedModel:
     store : minidress.deploy.store.Store
     density : float, the density in use
     input_shape : tuple, one sample's shape (``(C, H, W)``)
+    backend : one of ``BACKENDS``
     """
 
-    def __init__(self, store, net, products, batchnorms, input_shape, backend):
-        self.store, self.net, self.input_shape, self.backend = store, net, tuple(input_shape), backend
-        self._products, self._batchnorms = products, batchnorms
-        self._sparse = [p for p in products if p.sparse is not None]
-        self.dtype = store.dtype
+    def __init__(self, store, backend, compiled=None, net=None, products=(), batchnorms=()):
+        self.store, self.backend, self.dtype = store, backend, store.dtype
+        self.input_shape = tuple(store.meta["model"]["input_shape"])
+        self._compiled, self._net, self._products, self._batchnorms = compiled, net, list(products), list(batchnorms)
+        self._sparse = [p for p in self._products if p.sparse is not None]
+        self._row_lens = [p.row_len for p in self._sparse] if compiled is None else \
+            [p["row_len"] for p in compiled.products if p["sparse"] is not None]
         self.profile = None
         self._plans = {}
+        self._calibrated = compiled is None or compiled.paths != "auto"
         self.set_density(max(store.levels))
-        self.predict(np.zeros((1, *self.input_shape), self.dtype))     # learns conv output sizes
+        if net is not None:
+            self.predict(np.zeros((1, *self.input_shape), self.dtype))     # learns conv output sizes
 
     @classmethod
-    def from_store(cls, store, backend="rowsparse") -> "DeployedModel":
+    def from_store(cls, store, backend="rowsparse", paths="auto") -> "DeployedModel":
         """Build the network the store's metadata describes, reading the store's arrays.
 
-        ``backend`` (see ``BACKENDS``): ``"rowsparse"`` is DRESS's deployment; ``"dense"`` and
-        ``"csr"`` rebuild each sparsified layer at every switch and serve as baselines.
+        Parameters
+        ----------
+        store : Store; validated first (``Store.validate``), as the kernels do not check bounds
+        backend : one of ``BACKENDS``. ``"rowsparse"`` is DRESS's deployment: the whole network
+            is one compiled call (``minidress.deploy.compiled``). ``"dense"`` and ``"csr"`` run
+            layer by layer in NumPy/scipy and rebuild each sparsified layer at every switch:
+            the baselines.
+        paths : "auto", "sparse" or "dense" (``"rowsparse"`` only). Which product a sparsified
+            layer uses: ``"sparse"`` always the row-sparse kernels (bit for bit their NumPy
+            references); ``"dense"`` always BLAS on a masked dense matrix (built the first
+            time a density is served, then kept); ``"auto"`` (default) per layer and density
+            the faster of the two, as measured on this machine before the first ``predict``
+            (``calibrate``), so that no density is served slower than by a dense model. BLAS
+            and the kernels add in different orders, so results may differ in the last bits
+            from one path to the other.
         """
+        store.validate()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "rowsparse":
+            return cls(store, backend, compiled=CompiledNet(store, paths))
         skeleton = build_model(store.meta["model"], dtype=store.dtype)
         products, batchnorms = [], []
 
@@ -191,67 +209,136 @@ class DeployedModel:
                 raise ValueError(f"DeployedModel cannot run a {type(layer).__name__} layer")
             return simple[type(layer)]
 
-        return cls(store, compile_layer(skeleton, ""), products, batchnorms,
-                   store.meta["model"]["input_shape"], backend)
+        return cls(store, backend, net=compile_layer(skeleton, ""), products=products, batchnorms=batchnorms)
 
     # -- switching -------------------------------------------------------------------------------
     def set_density(self, density) -> "DeployedModel":
-        """Use the sub-network at ``density`` (any value in (0, 1]): one prefix length per
-        sparsified layer and a batch-norm slot. With the row-sparse backend no weight is copied
-        or moved; the others rebuild their matrices here.
+        """Use the sub-network at ``density`` (any value in (0, 1], at most the densest stored
+        level): one prefix length per sparsified layer and a batch-norm slot. With the
+        row-sparse backend no weight is copied or moved; the others rebuild their matrices here.
 
-        The prefix lengths and slot of a density are worked out (and checked) the first time it
-        is used and remembered, so switching among a few densities is a dictionary lookup and a
-        handful of integer assignments.
+        The prefix lengths, slot and paths of a density are worked out (and checked) the first
+        time it is used and remembered, so switching among densities used before is a
+        dictionary lookup and two assignments (``benchmarks/bench_switch.py`` times it).
         """
         plan = self._plans.get(density)
         if plan is None:
             plan = self._plans[density] = self._plan(density)
-        d, slot, ks = plan
-        for p, k in zip(self._sparse, ks):
-            p.set_prefix(k)
-        for bn in self._batchnorms:
-            bn.slot = slot
-        self.density = d
+        self.density, self._plan_now = plan[0], plan
+        if self._compiled is None:
+            d, slot, ks, _ = plan
+            for p, k in zip(self._sparse, ks):
+                p.set_prefix(k)
+            for bn in self._batchnorms:
+                bn.slot = slot
         return self
 
     def _plan(self, density):
-        """``(density, batch-norm slot, prefix length per sparsified layer)`` for ``density``."""
+        """``[density, batch-norm slot, prefix lengths, program state or None]`` for ``density``.
+
+        A density above the densest stored level is refused: the store holds only that level's
+        entries per row, so a longer prefix does not exist (clamping would silently serve
+        another network than the one asked for, with wrong MACs and accuracy)."""
         d = check_density(density)
         levels = self.store.levels
+        if d > max(levels):
+            raise ValueError(f"density {d} is above the densest stored level {max(levels)}: the "
+                             f"store keeps only that level's entries per row")
         if self.store.order == "level_major" and d not in levels:
             raise ValueError(f"density {d} is not a trained level {list(levels)}; a level-major "
                              f"store is exact only at its levels (use order='rank' for any density)")
-        return d, nearest_level(levels, d), tuple(n_kept(d, p.row_len) for p in self._sparse)
+        ks = tuple(n_kept(d, n) for n in self._row_lens)
+        return [d, nearest_level(levels, d), ks, None]
+
+    def _state(self):
+        """The compiled program's state of the current density, built on first use (after
+        measuring the paths' crossovers, if not done yet)."""
+        if not self._calibrated:
+            self.calibrate()
+        plan = self._plan_now
+        plan[3] = self._compiled.state(plan[0], plan[1])
+        return plan[3]
+
+    def calibrate(self, batch=32) -> dict:
+        """Time, per sparsified layer, the row-sparse kernel against BLAS for one sample and
+        for ``batch`` samples, and route every density's layers to the faster path from now on
+        (``paths="auto"``). Done automatically before the first ``predict``; call it again if
+        the machine changes. Returns the timings (``CompiledNet.calibrate``)."""
+        if self._compiled is None or self._compiled.paths != "auto":
+            return {}
+        report = {} if numba_config.DISABLE_JIT else self._compiled.calibrate(batch)
+        self._calibrated = True
+        for plan in self._plans.values():
+            plan[3] = None                 # rebuilt with the new crossovers on next use
+        return report
 
     # -- inference ---------------------------------------------------------------------------------
-    def predict(self, x, batch_size=1024) -> np.ndarray:
-        """Logits ``[N, n_classes]`` of ``x [N, *input_shape]`` at the current density."""
+    def predict(self, x, batch_size=1024, feature_major=False) -> np.ndarray:
+        """Logits ``[N, n_classes]`` at the current density.
+
+        Parameters
+        ----------
+        x : ndarray ``[N, *input_shape]`` (batch-major), or with ``feature_major=True``
+            ``[C, N, H, W]`` (for a model whose first layer is Flatten also ``[C*H*W, N]``),
+            as a pipeline that keeps activations feature-major already holds them
+        batch_size : requests larger than this are cut into batches (batch-major input only)
+        """
         x = np.asarray(x)
-        if x.shape[1:] != self.input_shape:
-            raise ValueError(f"x must have shape [N, {', '.join(map(str, self.input_shape))}], got {x.shape}")
         if x.dtype != self.dtype:
             raise TypeError(f"x has dtype {x.dtype}, the model {self.dtype}")
-        # feature-major: [C, N, H, W] for images, [F, N] for vectors
-        axes = (1, 0, *range(2, x.ndim))
-        out = [self.net(np.ascontiguousarray(x[i:i + batch_size].transpose(axes))).T
-               for i in range(0, len(x), batch_size)]
+        c, h, w = self.input_shape
+        if feature_major:
+            if self._compiled is None:
+                raise ValueError("feature_major input needs the rowsparse backend")
+            flat_ok = x.ndim == 2 and x.shape[0] == c * h * w and self._compiled.code[0, 0] == OP_FLATTEN
+            if not (flat_ok or (x.ndim == 4 and (x.shape[0], *x.shape[2:]) == self.input_shape)):
+                raise ValueError(f"feature-major x must have shape [{c}, N, {h}, {w}], got {x.shape}")
+            shape = (x.shape[0], x.shape[1], 1, 1) if x.ndim == 2 else x.shape
+            return self._run(np.ascontiguousarray(x).reshape(-1), shape)
+        if x.shape[1:] != self.input_shape:
+            raise ValueError(f"x must have shape [N, {', '.join(map(str, self.input_shape))}], got {x.shape}")
+        out = []
+        for i in range(0, len(x), batch_size):
+            xb = np.ascontiguousarray(x[i:i + batch_size])
+            n = len(xb)
+            if self._compiled is None:     # the baselines: layer by layer, feature-major
+                out.append(self._net(np.ascontiguousarray(xb.transpose(1, 0, 2, 3))).T)
+            else:   # one sample, or one channel: batch-major memory is already feature-major
+                out.append(self._run(xb.reshape(-1), (c if n == 1 or c == 1 else -c, n, h, w)))
         return np.ascontiguousarray(out[0] if len(out) == 1 else np.concatenate(out))
+
+    def _run(self, flat, shape):
+        state = self._plan_now[3]
+        if state is None:
+            state = self._state()
+        return self._compiled.run(state, flat, shape).T
 
     def macs(self) -> int:
         """Multiply-accumulates of one sample at the current density (kept weights only)."""
-        return int(sum(p.macs() for p in self._products))
+        if self._compiled is None:
+            return int(sum(p.macs() for p in self._products))
+        ks = iter(self._plan_now[2])
+        return int(sum(p["rows"] * p["positions"] * (next(ks) if p["sparse"] is not None else p["row_len"])
+                       for p in self._compiled.products))
+
+    def memory_bytes(self) -> dict:
+        """Bytes of the weights: ``store`` (the store's arrays: what is at rest in the file and
+        in memory as loaded), ``serving`` (what this model adds while serving: for
+        ``rowsparse`` the transposed copy of the sparse entries with biases and folded batch
+        norms, and the dense matrices of the BLAS path, both in ``parts``; for ``dense``/``csr``
+        the matrices built for the current density) and ``total``."""
+        if self._compiled is not None:
+            parts = self._compiled.nbytes()
+        else:
+            parts = {"matrices": sum(p.w.nbytes if self.backend == "dense" else
+                                     p.w.data.nbytes + p.w.indices.nbytes + p.w.indptr.nbytes for p in self._sparse)}
+        serving = int(sum(parts.values()))
+        return {"store": self.store.nbytes(), "serving": serving, "total": self.store.nbytes() + serving,
+                "parts": parts}
 
     def weight_bytes(self) -> int:
-        """Bytes of the weights in memory: the store (all levels), plus any matrices the
-        ``dense``/``csr`` backends built for the current density."""
-        extra = 0
-        for p in self._sparse:
-            if self.backend == "dense":
-                extra += p.w.nbytes
-            elif self.backend == "csr":
-                extra += p.w.data.nbytes + p.w.indices.nbytes + p.w.indptr.nbytes
-        return self.store.nbytes() + extra
+        """Bytes of the weights in memory while serving: ``memory_bytes()["total"]``."""
+        return self.memory_bytes()["total"]
 
     # -- latency ---------------------------------------------------------------------------------
     def latency_profile(self, densities, batch=1, repeats=30, seed=0, quantile=0.9) -> dict:
@@ -261,23 +348,49 @@ class DeployedModel:
         profile keeps the ``quantile`` of those times (default the 90th percentile: a deadline
         is missed by the slow calls, so a controller must plan for them, not for the median).
         It is kept in ``self.profile`` for ``choose_density``; the current density is restored.
+        With ``paths="auto"`` each density is also timed with every layer on BLAS, and served
+        that way from then on (for one sample, or for batches, as ``batch``) if that was
+        faster: the profile is never above the dense model's.
         """
+        densities = sorted({check_density(d) for d in np.atleast_1d(densities).tolist()})
+        if not densities:
+            raise ValueError("densities must name at least one density")
+        for name, v in (("batch", batch), ("repeats", repeats)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not 0 < quantile <= 1:
             raise ValueError(f"quantile must be in (0, 1], got {quantile}")
         x = np.random.default_rng(seed).standard_normal((batch, *self.input_shape)).astype(self.dtype)
         before, prof = self.density, {}
-        for d in sorted({check_density(d) for d in densities}):
+        for d in densities:
             self.set_density(d)
-            self.predict(x)
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                self.predict(x)
-                times.append(time.perf_counter() - t0)
+            times = self._times(x, repeats)
+            if self._compiled is not None and self._compiled.paths == "auto":
+                # The whole model on BLAS too: if that is faster at this density and batch (the
+                # per-layer calibration can be wrong on a busy machine), serve it that way.
+                # Compared by the fastest call: other processes only ever add time, and a 90th
+                # percentile (or even a median) of a few calls on a busy machine is mostly them.
+                plan, chosen, path = self._plan_now, self._plan_now[3], 1 if batch == 1 else 2
+                plan[3] = self._compiled.state(d, plan[1], force_dense=path, probe=True)
+                dense = self._times(x, repeats)
+                if min(dense) < min(times):
+                    plan[3], times = self._compiled.state(d, plan[1], force_dense=path), dense
+                else:
+                    plan[3] = chosen
             prof[d] = float(np.quantile(times, quantile))
         self.set_density(before)
         self.profile = {"batch": batch, "quantile": quantile, "seconds": prof}
         return prof
+
+    def _times(self, x, repeats):
+        """Seconds of ``repeats`` timed ``predict(x)`` calls, after one untimed call."""
+        self.predict(x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self.predict(x)
+            times.append(time.perf_counter() - t0)
+        return times
 
     def choose_density(self, budget_ms) -> float:
         """The densest profiled density whose latency fits ``budget_ms``; the sparsest one if

@@ -35,6 +35,8 @@ from __future__ import annotations
 import numpy as np
 from numba import get_num_threads, njit, prange
 
+from .serving import noalias_njit
+
 # Below this many multiply-adds a product runs on one thread: waking the thread pool costs a
 # few microseconds, more than the work it would share (on 2 cores: 300x784 at density 0.05,
 # 11.7k MACs, ran as fast on one thread as on two; at 0.1, 23.4k MACs, two were 1.5x faster).
@@ -138,7 +140,7 @@ def rowsparse_matmul_reference(values, cols, k, xt):
     return yt
 
 
-@njit(cache=True)
+@noalias_njit       # yt never overlaps the inputs (see serving.noalias_njit): SIMD without checks
 def _matmul_rows(values, cols, k, xt, yt, r0, r1, b0, b1):
     # Eight kept entries per pass over the output row: the row is loaded and stored once per
     # eight input rows instead of once per input row. The additions keep their order, written
@@ -186,7 +188,7 @@ def rowsparse_matmul(values, cols, k, xt, out=None, check=True):
     values, cols : [rows, kmax]
     k : int, 0 <= k <= kmax
     xt : [in_features, batch], C-contiguous, dtype of ``values``
-    out : [rows, batch], optional, written in place
+    out : [rows, batch], optional, written in place; must not overlap ``xt``
     check : bool, as in ``rowsparse_matvec``
 
     Returns
@@ -196,6 +198,8 @@ def rowsparse_matmul(values, cols, k, xt, out=None, check=True):
     if check:
         check_rowsparse(values, cols, k, xt, 2)
     rows, n = values.shape[0], xt.shape[1]
+    if out is not None and np.may_share_memory(out, xt):
+        raise ValueError("out must not overlap xt (the compiled loop assumes it does not)")
     yt = np.empty((rows, n), values.dtype) if out is None else out
     if rows * k * n >= PARALLEL_MIN_WORK and rows > 1:
         # A large input is taken in blocks of columns of about BLOCK_BYTES, so that the rows of

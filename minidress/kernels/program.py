@@ -1,0 +1,148 @@
+"""A whole network as one compiled call: a small interpreter over a flat list of operations.
+
+``minidress.deploy.compiled`` translates a model into a *program*: integer tables saying which
+operation runs next and where its parameters are, and a few flat arrays holding every parameter.
+``run`` executes the program in one Numba-compiled call, so a request costs one Python call
+(about a microsecond) instead of one per layer (tens of microseconds). One interpreter, compiled
+once and cached on disk, serves every model; code generation would compile a new function for
+every model structure.
+
+Arrays
+------
+code : int64 [n_ops, 6]
+    One operation per row: ``code[i, 0]`` is the opcode (``OP_*`` below), the rest its operands.
+layers : int64 [n_products, 10]
+    One Linear or Conv2d per row (``L_*`` columns): shape, kernel geometry, and the offsets of its
+    transposed row-sparse arrays in ``params``/``index`` and of its bias in ``params``.
+params : float [P]
+    The transposed values ``vt [kmax, rows]`` of every sparse layer, biases, batch-norm scales
+    and shifts, one after the other.
+index : unsigned int [Q]
+    The transposed columns ``ct [kmax, rows]`` of every sparse layer.
+dense : float [D]
+    Dense matrices ``[rows, row_len]``: the layers the store keeps dense, and any masked matrix
+    the model chose to run through BLAS at some density (see ``state``).
+state : int64 [4, n_products]
+    What ``set_density`` switches, one column per product: row 0 the prefix length ``k``; row
+    1 (one sample) and row 2 (a batch) the offset of the dense matrix to use in ``dense``, or -1
+    for the row-sparse kernel; ``state[3, 0]`` the batch-norm slot.
+
+Activations are feature-major, ``[C, N, H, W]`` (vectors ``[F, N, 1, 1]``), held as one flat
+array and its shape. Every operation writes a new array, so nothing aliases (the kernels'
+``noalias`` contract) and a saved activation (a residual branch) stays valid.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .rowsparse import _matmul_rows
+from .serving import flatten, im2col, matvec_t, pool2d, to_feature_major
+
+# opcodes and their operands (code[i, 1:])
+OP_PRODUCT = 0      # layer row
+OP_BATCHNORM = 1    # offset of scale [slots, C] in params, offset of shift, C
+OP_RELU = 2
+OP_POOL = 3         # k, stride, 1 for average (0 for max)
+OP_GLOBAL_AVG = 4
+OP_FLATTEN = 5
+OP_SAVE = 6         # register
+OP_LOAD = 7         # register
+OP_ADD = 8          # register: current + saved
+N_REGISTERS = 3
+
+# columns of the layers table
+L_ROWS, L_ROW_LEN, L_KH, L_KW, L_STRIDE, L_PAD, L_VT, L_CT, L_KMAX, L_BIAS = range(10)
+# Columns per block of the batched product: the rows of the input that the kept entries pick
+# stay in cache while every output row reads them (as ``rowsparse.BLOCK_BYTES``).
+BLOCK_COLUMNS = 2048
+
+
+@njit(cache=True)
+def _product(layer, k, dense_off, params, index, dense, h, shape):
+    """One Linear (``h [in, N]``) or Conv2d (``h [C, N, H, W]``), as its state says: the
+    row-sparse kernel on the first ``k`` entries, or BLAS on a dense matrix. Returns the new
+    activation ``[rows, N, Ho, Wo]`` (flat) and its shape."""
+    rows, row_len, kh, kw, stride, pad = layer[L_ROWS], layer[L_ROW_LEN], layer[L_KH], layer[L_KW], \
+        layer[L_STRIDE], layer[L_PAD]
+    c, n, hh, ww = shape
+    ho, wo = (hh + 2 * pad - kh) // stride + 1, (ww + 2 * pad - kw) // stride + 1
+    if kh == 1 and kw == 1 and stride == 1 and pad == 0:
+        cols = h.reshape(row_len, n * ho * wo)        # a Linear, or a 1x1 conv: no im2col
+    else:
+        cols = np.empty((row_len, n * ho * wo), h.dtype)
+        im2col(h.reshape(c, n, hh, ww), kh, kw, stride, pad, cols)
+    m = n * ho * wo
+    if dense_off >= 0:
+        w = dense[dense_off:dense_off + rows * row_len].reshape(rows, row_len)
+        y = np.dot(w, cols.reshape(row_len)) if m == 1 else np.dot(w, cols).reshape(rows * m)
+    else:
+        kmax = layer[L_KMAX]
+        vt = params[layer[L_VT]:layer[L_VT] + kmax * rows].reshape(kmax, rows)
+        ct = index[layer[L_CT]:layer[L_CT] + kmax * rows].reshape(kmax, rows)
+        y = np.empty(rows * m, h.dtype)
+        if m == 1:                                    # one sample: gathers across rows
+            matvec_t(vt, ct, k, cols.reshape(row_len), y)
+        else:                                         # a batch: SIMD over the batch
+            y2 = y.reshape(rows, m)
+            for b0 in range(0, m, BLOCK_COLUMNS):
+                _matmul_rows(vt.T, ct.T, k, cols, y2, 0, rows, b0, min(m, b0 + BLOCK_COLUMNS))
+    if layer[L_BIAS] >= 0:
+        bias = params[layer[L_BIAS]:layer[L_BIAS] + rows]
+        y2 = y.reshape(rows, m)
+        for r in range(rows):       # element by element: a row-slice ``+=`` costs an array each
+            for b in range(m):
+                y2[r, b] += bias[r]
+    return y, (rows, n, ho, wo)
+
+
+@njit(cache=True)
+def run(code, layers, params, index, dense, state, x, shape):
+    """Run the program on ``x`` (flat, feature-major, of ``shape = (C, N, H, W)``; with
+    ``C < 0``, ``x`` is batch-major ``[N, |C|, H, W]`` and is turned feature-major first).
+    Returns the output (flat) and its shape ``(C, N, H, W)``."""
+    h = x
+    if shape[0] < 0:
+        shape = (-shape[0], shape[1], shape[2], shape[3])
+        h = np.empty(x.size, x.dtype)
+        to_feature_major(x.reshape(shape[1], shape[0], shape[2], shape[3]), h.reshape(shape))
+    path = 1 if shape[1] == 1 else 2          # state row of the one-sample or the batch path
+    saved = [h] * N_REGISTERS
+    saved_shape = [shape] * N_REGISTERS
+    slot = state[3, 0]
+    for i in range(code.shape[0]):
+        op, a, b, c = code[i, 0], code[i, 1], code[i, 2], code[i, 3]
+        if op == OP_PRODUCT:
+            h, shape = _product(layers[a], state[0, a], state[path, a], params, index, dense, h, shape)
+        elif op == OP_BATCHNORM:
+            scale, shift = params[a + slot * c:a + (slot + 1) * c], params[b + slot * c:b + (slot + 1) * c]
+            h2 = h.reshape(c, h.size // c)
+            out = np.empty_like(h2)
+            for ch in range(c):
+                for p in range(h2.shape[1]):
+                    out[ch, p] = h2[ch, p] * scale[ch] + shift[ch]
+            h = out.reshape(h.size)
+        elif op == OP_RELU:
+            h = np.maximum(h, h.dtype.type(0))
+        elif op == OP_POOL:
+            ho, wo = (shape[2] - a) // b + 1, (shape[3] - a) // b + 1
+            out = np.empty((shape[0], shape[1], ho, wo), h.dtype)
+            pool2d(h.reshape(shape), a, b, c == 1, out)
+            h, shape = out.reshape(out.size), (shape[0], shape[1], ho, wo)
+        elif op == OP_GLOBAL_AVG:
+            sums = h.reshape(shape[0] * shape[1], shape[2] * shape[3]).sum(axis=1)
+            h = sums / h.dtype.type(shape[2] * shape[3])            # keeps float32 float32
+            shape = (shape[0], shape[1], 1, 1)
+        elif op == OP_FLATTEN:
+            if shape[1] > 1 and shape[2] * shape[3] > 1:     # else the memory order is the same
+                out = np.empty((shape[0] * shape[2] * shape[3], shape[1]), h.dtype)
+                flatten(h.reshape(shape), out)
+                h = out.reshape(out.size)
+            shape = (shape[0] * shape[2] * shape[3], shape[1], 1, 1)
+        elif op == OP_SAVE:
+            saved[a], saved_shape[a] = h, shape
+        elif op == OP_LOAD:
+            h, shape = saved[a], saved_shape[a]
+        elif op == OP_ADD:
+            h = h + saved[a]
+    return h, shape

@@ -1,0 +1,172 @@
+"""Serving kernels: the row-sparse products a compiled deployed model runs, beside their NumPy
+references, and the small dense pieces around them (im2col, pooling, flatten).
+
+Two things make these faster than ``rowsparse.py``'s public functions on one sample:
+
+* **A transposed layout** for batch 1. ``vt[kmax, rows]`` and ``ct[kmax, rows]`` hold the same
+  entries in the same rank order (``vt[j, r] = values[r, j]``), so a prefix of length ``k`` is
+  still the first ``k`` of every row. The product walks ``j`` outside and the rows inside,
+  ``y[r] += vt[j, r] * x[ct[j, r]]``: every row still adds its entries in order ``j = 0, 1, ...``
+  (bit for bit the reference), but the inner loop now runs over *consecutive rows*, which the
+  compiler turns into vector gathers (``vgatherdps``) instead of one scalar load per weight.
+* **No aliasing.** LLVM vectorizes that loop only if it knows that ``y`` does not overlap
+  ``x``, ``vt`` or ``ct`` (else a store into ``y`` might change an input mid-vector). Numba has
+  no decorator option for this, but its documented ``pipeline_class`` argument lets us compile
+  with the compiler flag ``noalias`` set, which marks every array argument ``noalias`` for LLVM.
+  ``noalias_njit`` is the one place that does it. The price is a contract: **no output may
+  overlap an input** of these kernels (every caller here passes a freshly allocated output).
+
+Exactness: fastmath stays off, so no multiply-add is fused and no addition reordered; each
+kernel equals its reference bit for bit (``tests/test_serving_kernels.py``).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+from numba.core.compiler import Compiler
+
+from ..im2col import im2col_cnhw
+
+
+class _NoAliasCompiler(Compiler):
+    """Numba's standard compiler with the ``noalias`` flag on (see the module docstring)."""
+
+    def __init__(self, typingctx, targetctx, library, args, return_type, flags, locals):
+        flags = flags.copy()
+        flags.noalias = True
+        super().__init__(typingctx, targetctx, library, args, return_type, flags, locals)
+
+
+def noalias_njit(fn):
+    """``njit(cache=True)`` promising LLVM that no two array arguments of ``fn`` overlap."""
+    return njit(cache=True, pipeline_class=_NoAliasCompiler)(fn)
+
+
+def transpose_rowsparse(values, cols, index=np.uint16):
+    """The batch-1 layout: ``vt [kmax, rows]`` (values) and ``ct [kmax, rows]`` (columns as
+    ``index``), C-contiguous copies in the same rank order as ``values``/``cols [rows, kmax]``."""
+    return np.ascontiguousarray(values.T), np.ascontiguousarray(cols.T.astype(index))
+
+
+# ---------------------------------------------------------------------------------------------
+# One sample over the transposed layout
+# ---------------------------------------------------------------------------------------------
+
+def matvec_t_reference(vt, ct, k, x):
+    """``y[r] = sum_{j<k} vt[j, r] * x[ct[j, r]]``, added in order ``j``; ``x [in]`` -> ``y [rows]``.
+    The same sums, in the same order, as ``rowsparse_matvec_reference(vt.T, ct.T, k, x)``."""
+    y = np.zeros(vt.shape[1], vt.dtype)
+    for j in range(k):
+        y += vt[j] * x[ct[j]]
+    return y
+
+
+@noalias_njit
+def matvec_t(vt, ct, k, x, y):
+    """Kernel of ``matvec_t_reference`` writing ``y [rows]`` (which must not overlap the inputs).
+
+    Four kept entries per pass over ``y``: a quarter of the loads and stores of ``y``, and the
+    additions written out in their order, so the sums are those of one entry per pass."""
+    rows = y.shape[0]
+    for r in range(rows):
+        y[r] = 0
+    j = 0
+    while j + 4 <= k:
+        v0, v1, v2, v3 = vt[j], vt[j + 1], vt[j + 2], vt[j + 3]
+        c0, c1, c2, c3 = ct[j], ct[j + 1], ct[j + 2], ct[j + 3]
+        for r in range(rows):        # consecutive rows: this is the loop that uses vector gathers
+            y[r] = (((y[r] + v0[r] * x[c0[r]]) + v1[r] * x[c1[r]]) + v2[r] * x[c2[r]]) + v3[r] * x[c3[r]]
+        j += 4
+    for j in range(j, k):
+        v, c = vt[j], ct[j]
+        for r in range(rows):
+            y[r] += v[r] * x[c[r]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces of a feature-major network: activations [C, N, H, W] (vectors: [F, N, 1, 1])
+# ---------------------------------------------------------------------------------------------
+
+def im2col_reference(x, kh, kw, stride, padding):
+    """``minidress.im2col.im2col_cnhw`` (``x [C, N, H, W]`` -> ``[C*kh*kw, N*Ho*Wo]``), repeated
+    here so that kernels and their references sit side by side."""
+    return im2col_cnhw(x, kh, kw, stride, padding)[0]
+
+
+@njit(cache=True)
+def im2col(x, kh, kw, stride, padding, out):
+    """Kernel of ``im2col_reference`` writing ``out [C*kh*kw, N*Ho*Wo]``; padding reads as 0.
+
+    For one kernel offset ``(i, j)`` and one output line, the outputs ``ox`` in
+    ``[ox0, ox1)`` read the input line at ``ox * stride + j - padding``, inside the image; the
+    others are padding. So each output line is one strided copy and two runs of zeros."""
+    c, n, h, w = x.shape
+    ho, wo = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
+    for j in range(kw):
+        ox0 = max(0, -((j - padding) // stride))          # first ox with ox*stride + j >= padding
+        ox1 = max(ox0, min(wo, (w - 1 + padding - j) // stride + 1))
+        ix0 = ox0 * stride + j - padding
+        for ci in range(c):
+            for i in range(kh):
+                row = out[(ci * kh + i) * kw + j]
+                for b in range(n):
+                    for oy in range(ho):
+                        iy = oy * stride + i - padding
+                        line = row[(b * ho + oy) * wo:(b * ho + oy + 1) * wo]
+                        if iy < 0 or iy >= h:
+                            line[:] = 0
+                            continue
+                        line[:ox0] = 0
+                        line[ox0:ox1] = x[ci, b, iy, ix0:ix0 + (ox1 - ox0 - 1) * stride + 1:stride]
+                        line[ox1:] = 0
+
+
+@njit(cache=True)
+def pool2d(x, k, stride, average, out):
+    """Max (or mean) over ``k x k`` windows of ``x [C, N, H, W]`` into ``out [C, N, Ho, Wo]``.
+    The max keeps the first of equal values, as ``argmax`` does in ``nn.layers.maxpool_forward``."""
+    c, n, ho, wo = out.shape
+    for ci in range(c):
+        for b in range(n):
+            for oy in range(ho):
+                for ox in range(wo):
+                    m = x[ci, b, oy * stride, ox * stride]
+                    s = m - m
+                    for i in range(k):
+                        for j in range(k):
+                            v = x[ci, b, oy * stride + i, ox * stride + j]
+                            s += v
+                            if v > m:
+                                m = v
+                    out[ci, b, oy, ox] = s / (k * k) if average else m
+
+
+def flatten_reference(x):
+    """``x [C, N, H, W]`` -> ``[C*H*W, N]`` in NCHW feature order (``c*H*W + h*W + w``)."""
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)).reshape(-1, x.shape[1])
+
+
+@njit(cache=True)
+def flatten(x, out):
+    """Kernel of ``flatten_reference`` writing ``out [C*H*W, N]``: per channel a transpose of
+    ``[N, H*W]``, in tiles of 32 x 32 so that both the reads and the writes stay in cache.
+    (One sample, or ``H = W = 1``, is the same memory order: the caller just reshapes.)"""
+    c, n, h, w = x.shape
+    hw = h * w
+    src = x.reshape(c, n, hw)
+    for ci in range(c):
+        for p0 in range(0, hw, 32):
+            for b0 in range(0, n, 32):
+                for p in range(p0, min(hw, p0 + 32)):
+                    row = out[ci * hw + p]
+                    for b in range(b0, min(n, b0 + 32)):
+                        row[b] = src[ci, b, p]
+
+
+@njit(cache=True)
+def to_feature_major(x, out):
+    """Batch-major ``x [N, C, H, W]`` -> feature-major ``out [C, N, H, W]``."""
+    n, c = x.shape[:2]
+    for ci in range(c):
+        for b in range(n):
+            out[ci, b] = x[b, ci]
