@@ -86,6 +86,7 @@ def test_cli_train_dress_then_eval_any_density(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"| this store: one nested copy | {metrics['bytes']['nested']:,} | 1.00x |" in printed
     assert "levels [1.0, 0.3]" in printed
+    assert "bytes at rest (this file's arrays)" in printed and "in memory to serve it" in printed
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -218,3 +218,27 @@ def test_the_plot_shows_the_range_that_matters():
                         {"density": 1.0, "recalibrated_acc": 0.99, "nearest_norm_acc": 0.99}],
               "levels": [{"dress_acc": 0.99, "single_acc": 0.98}, {"dress_acc": 0.97}]}
     assert curve_ylim(result) == pytest.approx((94.0, 100.0))
+
+
+def test_a_process_forked_after_a_parallel_kernel_survives(tmp_path):
+    """GNU OpenMP, Numba's default layer here, kills a child forked after a parallel kernel ran;
+    minidress selects the fork-safe layer (unless the user chose one)."""
+    import subprocess
+    import sys
+    script = tmp_path / "fork.py"
+    script.write_text(
+        "import os, numpy as np\n"
+        "from minidress.kernels import rowsparse_matmul\n"
+        "import numba\n"
+        "v = np.ones((300, 784), np.float32); c = np.tile(np.arange(784, dtype=np.uint16), (300, 1))\n"
+        "x = np.ones((784, 256), np.float32)\n"
+        "rowsparse_matmul(v, c, 200, x)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    rowsparse_matmul(v, c, 200, x); os._exit(0)\n"
+        "print(numba.threading_layer(), os.waitpid(pid, 0)[1])\n")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    layer, status = out.stdout.split()
+    assert status == "0" and layer != "omp"

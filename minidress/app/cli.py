@@ -284,6 +284,11 @@ def cmd_inspect(args):
                        ("separate_csr", f"{k} CSR models"), ("separate_dense", f"{k} dense models"),
                        ("dense", "(one dense model, one level only)")):
         print(f"| {label} | {b[key]:,} | {b[key] / b['nested']:.2f}x |")
+    m = deployed.memory_bytes()
+    extra = ", ".join(f"{name} {n:,}" for name, n in m["parts"].items())
+    print(f"\nbytes at rest (this file's arrays): {m['store']:,}; in memory to serve it: {m['total']:,} "
+          f"(the store plus {m['serving']:,} for serving: {extra}; dense matrices of layers served "
+          f"by BLAS are added when a density first uses them)")
     return 0
 
 

@@ -6,7 +6,6 @@ written at the end of epoch ``e`` therefore continues exactly as the uninterrupt
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 
@@ -56,25 +55,9 @@ def steps_per_epoch(n_examples, batch_size) -> int:
 # A loss this many times the first step's has diverged: stop, rather than train to the end on
 # nonsense (lr=1e6 used to finish with a loss of 1e6).
 DIVERGENCE_FACTOR = 1000.0
-# Metadata that may change when a run is resumed (more epochs, another output folder, ...);
-# everything else in ``meta`` must match the checkpoint's.
+# Configuration keys that may change when a run is resumed (more epochs, another output
+# folder, ...); everything else that identifies the run must match the checkpoint's.
 RESUMABLE_CHANGES = frozenset({"epochs", "out", "resume", "force", "quiet", "data_dir", "history"})
-
-
-def check_same_run(saved: dict, meta: dict, source) -> None:
-    """Raise ValueError if ``saved`` (a checkpoint's metadata) is not of the run ``meta`` describes:
-    the model spec, data set, seed and configuration must agree (``RESUMABLE_CHANGES`` aside)."""
-    def flat(m):
-        out = {k: v for k, v in m.items() if k not in ("config", "model_state", "optimizer_state")}
-        out.update({f"config.{k}": v for k, v in (m.get("config") or {}).items()})
-        return {k: v for k, v in out.items() if k.split(".")[-1] not in RESUMABLE_CHANGES}
-    # Compare as the file holds them: through JSON, so a tuple here equals a list there.
-    a, b = (json.loads(json.dumps(flat(m), default=str)) for m in (saved, meta))
-    differ = sorted(k for k in set(a) & set(b) if a[k] != b[k])
-    if differ:
-        raise ValueError(f"{source} is a checkpoint of another run: "
-                         + "; ".join(f"{k} is {a[k]!r} there, {b[k]!r} here" for k in differ[:4])
-                         + (f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""))
 
 
 def fit(model, optimizer, x_train, y_train, x_val=None, y_val=None, *, epochs, batch_size=128,
@@ -98,8 +81,8 @@ def fit(model, optimizer, x_train, y_train, x_val=None, y_val=None, *, epochs, b
     checkpoint_path : path, optional
         Written atomically after every epoch (model, optimizer, history, ``meta``).
     resume : path, optional
-        A checkpoint of this same run to continue from; its metadata must match ``meta``
-        (``check_same_run``).
+        A checkpoint of this same run to continue from; its model spec, data set, seed and
+        configuration must match ``meta`` (``RESUMABLE_CHANGES`` aside), or it is refused.
     meta : dict, optional
         Extra JSON metadata stored in checkpoints (e.g. how to rebuild the model).
 
@@ -122,9 +105,8 @@ def fit(model, optimizer, x_train, y_train, x_val=None, y_val=None, *, epochs, b
                          f"got {len(x_train)} and {len(y_train)}")
     history, start, first_loss = [], 0, None
     if resume is not None:
-        saved = load_checkpoint(resume)
-        check_same_run(saved, {**(meta or {}), "seed": seed}, resume)
-        load_checkpoint(resume, model, optimizer)
+        saved = load_checkpoint(resume, model, optimizer, expect_meta={**(meta or {}), "seed": seed},
+                                may_differ=RESUMABLE_CHANGES)
         history = saved["history"]
         start = len(history)
     per_epoch = steps_per_epoch(len(x_train), batch_size)
