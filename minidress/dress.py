@@ -15,7 +15,9 @@ this module holds them in that order:
    (``Dress.joint_step``).
 4. **Row-based fine-grained sampling and real-time switching.** Any density in (0, 1] is a
    per-row prefix of the same ranking (``Dress.use``); batch-norm statistics for a density that
-   was not trained can be recalibrated on a few batches (``recalibrate_batchnorm``).
+   was not trained can be recalibrated on a few batches (``recalibrate_batchnorm``). Training can
+   also sample densities between and below the levels (``DressOptions.sample_prob``,
+   ``Dress.pass_plan``), within the same K passes per step.
 
 Everything the abstract leaves open is a named field of ``DressOptions``, our choice and never a
 claim about the paper (README, "DRESS in minidress", says how each default was chosen).
@@ -26,6 +28,7 @@ keeps ``weight_mask`` as a buffer): each sparsified layer's ``buffers["ranks"]``
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
@@ -33,14 +36,19 @@ import numpy as np
 from .kernels import index_dtype
 from .masks import check_density, n_kept, nearest_level, row_ranks
 from .nn.layers import BatchNorm, Conv2d, Linear, in_slot
-from .nn.losses import softmax_cross_entropy
+from .nn.losses import log_softmax, softmax_cross_entropy
 from .nn.models import build_model
 from .nn.train import evaluate
 
 LAMBDAS = ("uniform", "density", "inverse_density")
 NORMS = ("per_level", "per_level_stats", "shared")
 RAMPS = ("none", "cubic")
+DISTILL = ("none", "densest")
+DENSE_LAYERS = ("first_last", "small")
+SMALL_ROW = 27      # dense_layers="small": a first layer with rows this short stays dense
 DEFAULT_LEVELS = (1.0, 0.5, 0.25, 0.1)
+# What runs from before these options existed did, so that their checkpoints resume as they ran.
+BEFORE_RECORDED = {"resample_until": 0, "sample_prob": 0.0}
 
 
 def _numbers(text):
@@ -74,9 +82,30 @@ class DressOptions:
         "or one number per level. Named schemes average 1, so uniform is the plain sum of the "
         "levels' losses; a list is used as given", text=_lambdas_from_text,
         form=f"one of {LAMBDAS} or comma-separated numbers")
-    resample_every: int = _option(0, "re-rank every row from the current weights every N joint "
-                                     "steps (0 = rank once, never again)", text=int,
-                                 form="an integer >= 0")
+    resample_every: int = _option(50, "re-rank every row from the current weights every N joint "
+                                      "steps (0 = rank once, never again)", text=int,
+                                  form="an integer >= 0")
+    resample_until: int = _option(110, "re-rank (every resample_every steps) only before this "
+                                       "joint step, so the rest of training keeps one ranking (0 = "
+                                       "all run long; the default is half of minidress train's "
+                                       "220 steps on digits)", text=int, form="an integer >= 0")
+    sample_prob: float = _option(
+        0.5, "fine-grained sampling: each step, the pass of every level but the densest trains, "
+             "with this probability, a density drawn uniformly from the level's stratum (the "
+             "densities nearer to it than to any other level; the sparsest level's reaches down to "
+             "d_min) instead of the level itself; still K passes per step (0 = the levels only; "
+             "below 1, so that every level's own batch-norm statistics keep being updated)",
+        text=float, form="a number in [0, 1)")
+    d_min: float = _option(0.0, "the sparsest density fine-grained sampling draws (0 = a quarter "
+                                "of the sparsest level)", text=float,
+                           form="a number in [0, 1], at most the sparsest level")
+    sample_seed: int = _option(0, "seeds the drawn densities: joint step t draws from "
+                                  "numpy.random.default_rng([sample_seed, t])", text=int,
+                               form="an integer >= 0")
+    distill: str = _option("none", "in-place distillation: none, or densest (every other level "
+                                   "learns from the densest level's predictions on the same batch, "
+                                   "soft targets without gradient, instead of from the labels)",
+                           choices=DISTILL)
     ramp: str = _option("none", "none, or cubic (Zhu & Gupta 2017): each sparse level's density "
                                 "falls from 1 to its target as d + (1 - d) * (1 - t/T)**3",
                         choices=RAMPS)
@@ -84,8 +113,13 @@ class DressOptions:
                                  "from --ramp-epochs)", flag=None)
     norm: str = _option("per_level", "batch norm: per_level (statistics and affine per level), "
                                      "per_level_stats (shared affine) or shared", choices=NORMS)
-    dense_first_last: bool = _option(True, "sparsify the first layer and the classifier too",
+    dense_first_last: bool = _option(True, "sparsify every layer (dense_layers is then unused)",
                                      flag="--sparsify-all", invert=True)
+    dense_layers: str = _option(
+        "first_last", "which layers stay dense (unless --sparsify-all): first_last, the first "
+                      f"layer and the classifier; small, the classifier and a first layer with rows "
+                      f"of at most {SMALL_ROW} weights (a 3x3 conv on 1-3 channels)",
+        choices=DENSE_LAYERS)
     kernel_max_density: float = _option(
         0.0, "train the Linear layers of levels at or below this density on their kept weights "
              "through the row-sparse kernels (speed only, same numbers up to the order of "
@@ -99,22 +133,30 @@ class DressOptions:
         if not isinstance(self.lambdas, str):
             object.__setattr__(self, "lambdas", tuple(float(v) for v in np.atleast_1d(self.lambdas)))
         resolve_lambdas(self.lambdas, levels)
-        for name in ("resample_every", "ramp_steps"):
+        for name in ("resample_every", "resample_until", "ramp_steps", "sample_seed"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.ramp not in RAMPS:
-            raise ValueError(f"ramp must be one of {RAMPS}, got {self.ramp!r}")
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        for name, allowed in (("ramp", RAMPS), ("norm", NORMS), ("distill", DISTILL),
+                              ("dense_layers", DENSE_LAYERS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not 0.0 <= float(self.sample_prob) < 1.0:
+            raise ValueError(f"sample_prob must be in [0, 1) (at 1 no level's running statistics "
+                             f"would ever be updated), got {self.sample_prob!r}")
+        if not 0.0 <= float(self.d_min) <= min(levels):
+            raise ValueError(f"d_min must be in [0, {min(levels)}] (at most the sparsest level; 0 "
+                             f"= a quarter of it), got {self.d_min!r}")
         if not 0.0 <= float(self.kernel_max_density) <= 1.0:
             raise ValueError(f"kernel_max_density must be in [0, 1] (0 = never use the kernels), "
                              f"got {self.kernel_max_density!r}")
 
     @classmethod
     def from_config(cls, config: dict) -> "DressOptions":
-        """The options recorded in a run's ``config`` metadata (other keys are ignored; options a
-        run from an older version did not record take their defaults)."""
-        return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
+        """The options recorded in a run's ``config`` metadata (other keys are ignored). An option
+        a run from an older version did not record takes the value that version behaved as
+        (``BEFORE_RECORDED``: no sampling, no stop to re-ranking), else its default."""
+        recorded = {f.name: config[f.name] for f in fields(cls) if f.name in config}
+        return cls(**{**BEFORE_RECORDED, **recorded})
 
     def lambda_weights(self) -> np.ndarray:
         return resolve_lambdas(self.lambdas, self.levels)
@@ -141,17 +183,34 @@ def cubic_density(target, step, ramp_steps) -> float:
     return target + (1.0 - target) * (1.0 - frac) ** 3
 
 
-def sparsifiable_layers(model, dense_first_last=True) -> dict:
+def sparsifiable_layers(model, dense_first_last=True, dense_layers="first_last") -> dict:
     """The Linear and Conv2d layers DRESS sparsifies, by name, in forward order (the order of
-    ``model.named_layers``); with ``dense_first_last`` the first and the last stay dense."""
+    ``model.named_layers``).
+
+    With ``dense_first_last`` the classifier (the last) stays dense, and the first layer too
+    with ``dense_layers="first_last"``; with ``"small"`` the first stays dense only if its rows
+    hold at most ``SMALL_ROW`` weights. Why: a 3x3 conv on one channel keeps one weight per row
+    at density 0.05 and costs few MACs anyway, while an MLP's first layer holds most of its MACs.
+    """
     found = [(name.rstrip("."), layer) for name, layer in model.named_layers()
              if isinstance(layer, (Linear, Conv2d))]
-    if dense_first_last:
-        found = found[1:-1]
+    if dense_first_last and found:
+        short_rows = found[0][1].params["weight"][0].size <= SMALL_ROW
+        found = found[int(dense_layers == "first_last" or short_rows):-1]
     if not found:
-        raise ValueError("the model has no layer to sparsify (with dense_first_last=True it "
-                         "needs at least three Linear/Conv2d layers)")
+        raise ValueError(f"the model has no layer to sparsify with dense_first_last="
+                         f"{dense_first_last} and dense_layers={dense_layers!r}")
     return dict(found)
+
+
+def strata(levels, d_min) -> list:
+    """Each level's stratum ``(low, high)``: the densities whose nearest level it is (bounds at
+    the midpoints between neighbouring levels, as ``nearest_level`` decides), the densest level's
+    reaching up to 1 and the sparsest's down to ``d_min``."""
+    order = sorted(levels, reverse=True)
+    cuts = [1.0] + [(a + b) / 2 for a, b in zip(order, order[1:])] + [d_min]
+    bounds = {d: (cuts[i + 1], cuts[i]) for i, d in enumerate(order)}
+    return [bounds[d] for d in levels]
 
 
 class Dress:
@@ -170,8 +229,10 @@ class Dress:
     options : DressOptions;  levels : tuple of float;  lambdas : ndarray [K]
     layers : dict name -> Linear/Conv2d, the sparsified layers
     batchnorms : list of BatchNorm, each with K slots
+    strata : list of (low, high), the densities each level's pass may draw (``sample_prob``)
     density : float, the density in use
     last_losses : ndarray [K], each level's loss in the last joint step
+    last_plan : list of (density, drawn), what each level's pass trained in the last joint step
     """
 
     def __init__(self, model, options: DressOptions | None = None, **changes):
@@ -181,11 +242,17 @@ class Dress:
         for bn in self.batchnorms:
             bn.set_slots(len(self.levels), per_slot_stats=o.norm != "shared",
                          per_slot_affine=o.norm == "per_level")
-        self.layers = sparsifiable_layers(model, o.dense_first_last)
+        self.layers = sparsifiable_layers(model, o.dense_first_last, o.dense_layers)
         model.buffers.setdefault("dress_step", np.zeros((), np.int64))
         self.rank()
         self.density = None     # dense until the first ``use``
+        self.strata = strata(self.levels, o.d_min or min(self.levels) / 4)
+        self.densest = int(np.argmax(self.levels))
+        # Distillation needs the teacher's pass first; otherwise the levels run in the given order.
+        rest = [k for k in range(len(self.levels)) if k != self.densest]
+        self.order = [self.densest, *rest] if o.distill != "none" else list(range(len(self.levels)))
         self.last_losses = np.zeros(len(self.levels))
+        self.last_plan = []
 
     @classmethod
     def from_store(cls, store) -> "Dress":
@@ -248,6 +315,47 @@ class Dress:
             kept = np.argsort(ranks, axis=1, kind="stable")[:, :k].astype(index_dtype(ranks.shape[1]))
         return mask, kept
 
+    def rerank_due(self, step) -> bool:
+        """Whether joint step ``step`` re-ranks first: every ``resample_every`` steps after the
+        first, and only before ``resample_until`` if that is set."""
+        every, until = self.options.resample_every, self.options.resample_until
+        return bool(every) and step > 0 and step % every == 0 and (not until or step < until)
+
+    def pass_plan(self, step) -> list:
+        """What each level's pass trains at joint step ``step``: ``(density, drawn)`` per level.
+
+        With ``sample_prob`` p, every level but the densest (the sandwich rule's fixed top, and
+        the distillation teacher) trains, with probability p, a density drawn uniformly from its
+        stratum (``strata``) instead of its own; it keeps its level's batch-norm slot (the slot
+        ``use`` picks for that density when deployed, ``nearest_level``). The draws come from
+        ``default_rng([sample_seed, step])``: a function of the seed and the step only, so a
+        resumed run draws what an uninterrupted one does. While a ramp runs, nothing is drawn
+        (the strata are those of the target levels).
+        """
+        densities = self.level_densities(step)
+        p = self.options.sample_prob
+        if not p or (self.options.ramp != "none" and step < self.options.ramp_steps):
+            return [(d, False) for d in densities]
+        rng = np.random.default_rng([self.options.sample_seed, int(step)])
+        coins, u = rng.random(len(densities)), rng.random(len(densities))
+        return [(float(lo + (hi - lo) * u[k]), True) if k != self.densest and coins[k] < p else (d, False)
+                for k, (d, (lo, hi)) in enumerate(zip(densities, self.strata))]
+
+    @contextmanager
+    def frozen_statistics(self, frozen=True):
+        """Within the block (if ``frozen``), training-mode forward passes normalise with their
+        batch statistics as always but leave every running statistic as it is. A drawn density
+        runs so: its slot's statistics stay those of the level itself, and a density that is not
+        a level gets recalibrated statistics when deployed (``recalibrate_batchnorm``)."""
+        saved = [bn.momentum for bn in self.batchnorms]
+        try:
+            for bn in self.batchnorms if frozen else ():
+                bn.momentum = 0.0          # running = (1 - 0) * running + 0 * batch
+            yield
+        finally:
+            for bn, momentum in zip(self.batchnorms, saved):
+                bn.momentum = momentum
+
     def level_densities(self, step=None) -> tuple:
         """Each level's density at joint step ``step`` (the targets once any ramp is over)."""
         step = int(self.model.buffers["dress_step"]) if step is None else step
@@ -257,11 +365,14 @@ class Dress:
 
     # 3. Train jointly: all levels on the same batch, one weighted loss ------------------------
     def joint_step(self, model, xb, yb):
-        """One DRESS step: forward and backward of every level on ``(xb, yb)``.
+        """One DRESS step: forward and backward of every level on ``(xb, yb)``, K passes.
 
         ``model`` must be ``self.model`` (the ``step`` signature of ``minidress.nn.train.fit``).
         The gradient of ``sum_k lambda_k * loss_k`` is the lambda-weighted sum of the levels'
-        gradients; each is already masked to the weights its level keeps.
+        gradients; each is already masked to the weights its level keeps. Level k's pass trains
+        ``pass_plan(step)[k]``. ``loss_k`` is the cross-entropy against the labels, or with
+        ``distill="densest"``, for every level but the densest, against the densest level's
+        softmax on this batch (computed first; a constant, no gradient flows into it).
 
         Returns
         -------
@@ -270,20 +381,29 @@ class Dress:
         grads : dict[str, ndarray]
         """
         step = int(model.buffers["dress_step"])
-        every = self.options.resample_every
-        if every and step > 0 and step % every == 0:
+        if self.rerank_due(step):
             self.rank()
-        total, loss, correct = {}, 0.0, 0.0
-        for k, (d, lam) in enumerate(zip(self.level_densities(step), self.lambdas)):
+        self.last_plan = plan = self.pass_plan(step)
+        total, loss, correct, teacher = {}, 0.0, 0.0, None
+        for k in self.order:
+            (d, drawn), lam = plan[k], self.lambdas[k]
             self.use(d, level=k)
-            logits = model.forward(xb)
-            self.last_losses[k], dlogits = softmax_cross_entropy(logits, yb)
+            with self.frozen_statistics(drawn):
+                logits = model.forward(xb)
+            if teacher is None:
+                self.last_losses[k], dlogits = softmax_cross_entropy(logits, yb)
+                if self.options.distill != "none":
+                    teacher = np.exp(log_softmax(logits))
+            else:       # soft-target cross-entropy; the teacher's rows sum to 1
+                logp = log_softmax(logits)
+                self.last_losses[k] = -(teacher * logp).sum() / len(xb)
+                dlogits = (np.exp(logp) - teacher) / logits.dtype.type(len(xb))
             model.backward(dlogits * dlogits.dtype.type(lam))
             for name, g in model.gradients().items():
-                if k == 0:
-                    total[name] = g.copy()
-                else:
+                if name in total:
                     total[name] += g
+                else:
+                    total[name] = g.copy()
             loss += lam * self.last_losses[k]
             correct += (logits.argmax(axis=1) == yb).sum() / len(self.levels)
         model.buffers["dress_step"][...] = step + 1

@@ -376,7 +376,7 @@ def test_resume_is_bit_identical(digits, tmp_path, name):
 
 def test_alternating_trains_one_nested_level_per_step_in_turn(rng):
     model = tiny_mlp(batchnorm=True)
-    alt = Alternating(model, levels=(1.0, 0.5, 0.25))
+    alt = Alternating(model, levels=(1.0, 0.5, 0.25), sample_prob=0.0)
     x, y = rng.standard_normal((9, 6)), rng.integers(0, 3, 9)
     bn = alt.batchnorms[0]
     kept = {}

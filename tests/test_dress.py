@@ -1,4 +1,7 @@
-"""DRESS: the joint weighted step against central differences and PyTorch, nesting, options."""
+"""DRESS: the joint weighted step against central differences and PyTorch, nesting, options.
+
+The step tests here pin ``sample_prob=0`` (the levels only); the fine-grained options, with the
+same checks, are in ``test_dress_fine.py``."""
 
 import numpy as np
 import pytest
@@ -34,7 +37,7 @@ def weighted_loss(dress, x, y):
 @pytest.mark.parametrize("lambdas", ["uniform", "inverse_density", [0.5, 2.0, 1.0]])
 def test_joint_step_gradient_is_the_weighted_loss_gradient(rng, norm, lambdas):
     model = tiny_mlp()
-    dress = Dress(model, levels=(1.0, 0.5, 0.2), lambdas=lambdas, norm=norm)
+    dress = Dress(model, levels=(1.0, 0.5, 0.2), lambdas=lambdas, norm=norm, sample_prob=0.0)
     x, y = rng.standard_normal((9, 6)), rng.integers(0, 3, 9)
     loss, _, grads = dress.joint_step(model, x, y)
     assert loss == pytest.approx(weighted_loss(dress, x, y), rel=1e-12)
@@ -45,7 +48,7 @@ def test_joint_step_gradient_is_the_weighted_loss_gradient(rng, norm, lambdas):
 
 def test_joint_step_on_a_cnn_matches_central_differences(rng):
     model = small_cnn((1, 6, 6), 3, widths=(2, 3, 4), dtype=F64)
-    dress = Dress(model, levels=(1.0, 0.4), dense_first_last=False)
+    dress = Dress(model, levels=(1.0, 0.4), dense_first_last=False, sample_prob=0.0)
     x, y = rng.standard_normal((4, 1, 6, 6)), rng.integers(0, 3, 4)
     _, _, grads = dress.joint_step(model, x, y)
     for name in ["0.weight", "3.weight", "1.weight", "12.weight"]:
@@ -72,7 +75,7 @@ def test_each_level_trains_only_the_weights_it_keeps(rng):
 def test_joint_step_matches_torch_autograd(rng):
     torch = pytest.importorskip("torch")
     model = tiny_mlp(batchnorm=False)
-    dress = Dress(model, levels=(1.0, 0.5, 0.25), lambdas="density")
+    dress = Dress(model, levels=(1.0, 0.5, 0.25), lambdas="density", sample_prob=0.0)
     x, y = rng.standard_normal((9, 6)), rng.integers(0, 3, 9)
     masks = {}
     for d in dress.levels:

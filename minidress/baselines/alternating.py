@@ -23,8 +23,12 @@ norms. Only the step differs:
 We leave out AST's gradient correction (the abstract does not define it and the paper's body
 was not available to us): this is "alternating as in AST", not AST. Re-ranking
 (``resample_every``, counted in DRESS joint steps) happens every ``resample_every * K``
-alternating steps, and a ramp (``ramp_steps``) should be given in alternating steps: both keep
-the same schedule per forward/backward pass as DRESS.
+alternating steps (and ``resample_until`` likewise), and a ramp (``ramp_steps``) should be given
+in alternating steps: both keep the same schedule per forward/backward pass as DRESS. With
+fine-grained sampling (``sample_prob``), alternating step ``t`` trains what DRESS's pass of level
+``t mod K`` trains at joint step ``t // K`` (``Dress.pass_plan``), with the same batch-norm
+handling. In-place distillation (``distill``) needs the densest level's predictions on the same
+batch, which a one-level step does not compute: alternating ignores it.
 """
 from __future__ import annotations
 
@@ -78,11 +82,15 @@ class Alternating(Peer):
         t = self._advance()
         k = self.level_at(t)
         dress = self.dress
-        every = dress.options.resample_every
-        if every and t > 0 and t % (every * len(self.levels)) == 0:
+        joint, k_levels = divmod(t, len(self.levels))
+        if k_levels == 0 and dress.rerank_due(joint):
             dress.rank()
-        dress.use(dress.level_densities(t)[k], level=k)
-        loss, correct, grads = dense_step(model, xb, yb)
+        density, drawn = dress.pass_plan(joint)[k]
+        if not drawn:                       # a ramp counts alternating steps (module docstring)
+            density = dress.level_densities(t)[k]
+        dress.use(density, level=k)
+        with dress.frozen_statistics(drawn):
+            loss, correct, grads = dense_step(model, xb, yb)
         lam = float(dress.lambdas[k])
         if lam != 1.0:
             grads = {name: g * g.dtype.type(lam) for name, g in grads.items()}

@@ -1,0 +1,202 @@
+"""DRESS's fine-grained options: sampled densities, in-place distillation, re-ranking schedules,
+which layers stay dense. Every change to the backward pass is checked against central
+differences in float64 and against PyTorch."""
+
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+
+from helpers import assert_close
+from minidress.baselines.alternating import Alternating
+from minidress.baselines.slimmable import soft_cross_entropy_forward
+from minidress.data import make_spirals
+from minidress.dress import Dress, DressOptions, sparsifiable_layers, strata
+from minidress.nn.gradcheck import numerical_gradient, relative_error
+from minidress.nn.losses import log_softmax, softmax_cross_entropy
+from minidress.nn.models import mlp, small_cnn
+from minidress.nn.optim import SGD
+from minidress.nn.train import fit
+
+F64 = np.float64
+
+
+def tiny_mlp(seed=0, batchnorm=True):
+    return mlp([6, 8, 7, 5, 3], seed=seed, dtype=F64, batchnorm=batchnorm)
+
+
+def planned_loss(dress, plan, x, y, teacher=None):
+    """sum_k lambda_k * loss_k over the passes of ``plan`` (forward only), each level in its own
+    slot; with ``teacher``, every level but the densest against those soft targets."""
+    total = 0.0
+    for k, ((d, _), lam) in enumerate(zip(plan, dress.lambdas)):
+        dress.use(d, level=k)
+        logits = dress.model.forward(x)
+        if teacher is None or k == dress.densest:
+            total += lam * softmax_cross_entropy(logits, y)[0]
+        else:
+            total += lam * soft_cross_entropy_forward(logits, teacher)[0]
+    return total
+
+
+def densest_softmax(dress, x):
+    dress.use(dress.levels[dress.densest], level=dress.densest)
+    return np.exp(log_softmax(dress.model.forward(x)))
+
+
+@pytest.mark.parametrize("levels", [(1.0, 0.5, 0.2), (0.5, 1.0, 0.2)])
+@pytest.mark.parametrize("sample_prob", [0.0, 0.99])
+def test_distilled_and_sampled_step_matches_central_differences(rng, levels, sample_prob):
+    """The teacher (the densest level's softmax on the batch) is a constant of the step: the
+    gradient is that of the loss with the teacher held fixed. Drawn densities in the plan."""
+    model = tiny_mlp()
+    dress = Dress(model, levels=levels, lambdas=[0.5, 2.0, 1.0], distill="densest",
+                  sample_prob=sample_prob, d_min=0.05)
+    x, y = rng.standard_normal((9, 6)), rng.integers(0, 3, 9)
+    teacher = densest_softmax(dress, x)
+    plan = dress.pass_plan(0)
+    assert sum(drawn for _, drawn in plan) == (2 if sample_prob else 0)
+    loss, _, grads = dress.joint_step(model, x, y)
+    assert dress.last_plan == plan
+    assert loss == pytest.approx(planned_loss(dress, plan, x, y, teacher), rel=1e-12)
+    for name, p in model.parameters().items():
+        num = numerical_gradient(lambda: planned_loss(dress, plan, x, y, teacher), p)
+        assert relative_error(grads[name], num) < 1e-7, name
+
+
+def test_distillation_matches_torch_autograd(rng):
+    torch = pytest.importorskip("torch")
+    model = tiny_mlp(batchnorm=False)
+    dress = Dress(model, levels=(0.5, 1.0, 0.25), lambdas=[2.0, 0.5, 1.0], distill="densest",
+                  sample_prob=0.0)
+    x, y = rng.standard_normal((9, 6)), rng.integers(0, 3, 9)
+    masks = {}
+    for d in dress.levels:
+        dress.use(d)
+        masks[d] = {n: torch.tensor(l.mask) for n, l in dress.layers.items()}
+    params = {n: torch.tensor(p, requires_grad=True) for n, p in model.parameters().items()}
+    loss, _, grads = dress.joint_step(model, x, y)
+
+    def logits(d):
+        h = torch.tensor(x)
+        for i in (1, 3, 5, 7):
+            w = params[f"{i}.weight"] * masks[d][str(i)] if str(i) in masks[d] else params[f"{i}.weight"]
+            h = torch.nn.functional.linear(h, w, params[f"{i}.bias"])
+            h = torch.relu(h) if i < 7 else h
+        return h
+
+    dense = logits(1.0)
+    teacher = torch.softmax(dense, dim=1).detach()
+    total = 0.5 * torch.nn.functional.cross_entropy(dense, torch.tensor(y))
+    for d, lam in ((0.5, 2.0), (0.25, 1.0)):
+        total = total - lam * (teacher * torch.log_softmax(logits(d), dim=1)).sum(dim=1).mean()
+    total.backward()
+    assert_close(np.array(loss), total, "distilled loss", 1e-10)
+    for n, p in params.items():
+        assert_close(grads[n], p.grad, f"grad {n}", 1e-10)
+
+
+def test_pass_plan_draws_within_strata_reproducibly():
+    levels = (1.0, 0.5, 0.25, 0.1)
+    assert strata(levels, 0.025) == [(0.75, 1.0), (0.375, 0.75), (0.175, 0.375), (0.025, 0.175)]
+    assert strata((0.1, 1.0), 0.05) == [(0.05, 0.55), (0.55, 1.0)]
+    dress = Dress(small_cnn(seed=0), sample_prob=0.5, sample_seed=3)
+    plans = [dress.pass_plan(t) for t in range(400)]
+    assert plans[7] == dress.pass_plan(7)                                  # a function of the step
+    assert plans[7] != Dress(small_cnn(seed=0), sample_prob=0.5, sample_seed=4).pass_plan(7)
+    drawn = np.array([[dr for _, dr in plan] for plan in plans])
+    assert not drawn[:, 0].any()                           # the densest level is always trained
+    assert 0.4 < drawn[:, 1:].mean() < 0.6
+    for plan in plans:
+        for (d, dr), level, (lo, hi) in zip(plan, levels, dress.strata):
+            assert (lo <= d < hi) if dr else d == level
+    assert Dress(small_cnn(seed=0), sample_prob=0.0).pass_plan(5) == [(d, False) for d in levels]
+
+
+def test_d_min_default_and_no_draws_while_a_ramp_runs():
+    dress = Dress(tiny_mlp(), levels=(1.0, 0.2), sample_prob=0.99, ramp="cubic", ramp_steps=10)
+    assert dress.strata[1] == (0.05, 0.6)                          # d_min 0: a quarter of 0.2
+    assert all(not drawn for t in range(10) for _, drawn in dress.pass_plan(t))
+    assert dress.pass_plan(10)[1][1]
+
+
+def test_drawn_densities_leave_running_statistics_alone(rng):
+    model = tiny_mlp()
+    dress = Dress(model, levels=(1.0, 0.5, 0.2), sample_prob=0.99, d_min=0.05)
+    assert [drawn for _, drawn in dress.pass_plan(0)] == [False, True, True]
+    before = {k: v.copy() for k, v in model.state().items() if "running" in k}
+    dress.joint_step(model, rng.standard_normal((9, 6)), rng.integers(0, 3, 9))
+    for name, value in before.items():
+        now = model.state()[name]
+        assert np.array_equal(now[1:], value[1:]), name          # slots of the drawn levels
+        assert not np.array_equal(now[0], value[0]), name        # the densest level's slot
+    assert all(bn.momentum == 0.1 for bn in dress.batchnorms)
+
+
+def test_sampling_and_distillation_resume_bit_identically(tmp_path):
+    x, y = make_spirals(200, seed=1)
+    options = DressOptions(levels=(1.0, 0.5, 0.25), sample_prob=0.5, distill="densest",
+                           resample_every=2, resample_until=14)
+
+    def run(epochs, **kw):
+        model = mlp([2, 16, 16, 16, 3], seed=0, batchnorm=True)
+        dress = Dress(model, options)
+        fit(model, SGD(lr=0.1, momentum=0.9), x, y, epochs=epochs, batch_size=32, seed=0,
+            step=dress.joint_step, quiet=True, **kw)
+        return model
+
+    full = run(3)
+    ckpt = tmp_path / "d.npz"
+    run(2, checkpoint_path=ckpt)
+    resumed = run(3, resume=ckpt)
+    assert all(np.array_equal(v, resumed.state()[k]) for k, v in full.state().items())
+
+
+def test_resample_until_stops_reranking():
+    dress = Dress(tiny_mlp(), levels=(1.0, 0.5), resample_every=10, resample_until=35)
+    assert [t for t in range(80) if dress.rerank_due(t)] == [10, 20, 30]
+    dress = Dress(tiny_mlp(), levels=(1.0, 0.5), resample_every=10)
+    assert [t for t in range(45) if dress.rerank_due(t)] == [10, 20, 30, 40]
+
+
+def test_alternating_trains_dress_pass_plan(rng):
+    x, y = rng.standard_normal((9, 6)), rng.integers(0, 3, 9)
+    peer = Alternating(tiny_mlp(), levels=(1.0, 0.5, 0.2), sample_prob=0.99, d_min=0.05)
+    for t in range(6):
+        peer.step(peer.model, x, y)
+        assert peer.dress.density == peer.dress.pass_plan(t // 3)[t % 3][0]
+
+
+def test_dense_layers_small_sparsifies_a_wide_first_layer():
+    wide = mlp([30, 8, 7, 3])
+    assert list(sparsifiable_layers(wide)) == ["3"]                             # first_last
+    assert list(sparsifiable_layers(wide, dense_layers="small")) == ["1", "3"]  # rows of 30 > 27
+    assert list(sparsifiable_layers(wide, False, "small")) == ["1", "3", "5"]   # --sparsify-all
+    cnn = small_cnn(seed=0)                            # a 3x3 conv on one channel: rows of 9
+    assert list(Dress(cnn, dense_layers="small").layers) == list(Dress(small_cnn(seed=0)).layers)
+
+
+def test_old_configs_load_and_new_options_are_checked():
+    """A config written before the fine-grained options existed loads as the run behaved then."""
+    old = {"levels": [1.0, 0.5], "lambdas": "uniform", "resample_every": 0, "ramp": "none",
+           "ramp_steps": 0, "norm": "per_level", "dense_first_last": True, "epochs": 3}
+    assert DressOptions.from_config(old) == DressOptions(levels=(1.0, 0.5), resample_every=0,
+                                                         resample_until=0, sample_prob=0.0)
+    assert DressOptions.from_config(asdict(DressOptions())) == DressOptions()
+    for change, message in [({"sample_prob": 1.0}, r"sample_prob must be in \[0, 1\)"),
+                            ({"d_min": 0.2}, r"d_min must be in \[0, 0.1\]"),
+                            ({"distill": "teacher"}, "distill must be one of"),
+                            ({"dense_layers": "big"}, "dense_layers must be one of"),
+                            ({"resample_until": -1}, "resample_until must be >= 0")]:
+        with pytest.raises(ValueError, match=message):
+            DressOptions(**change)
+
+
+def test_new_options_are_flags_of_minidress_train():
+    from minidress.app.cli import build_parser, dress_options
+    args = build_parser().parse_args(["train", "--sample-prob", "0.5", "--d-min", "0.05",
+                                      "--sample-seed", "2", "--distill", "densest",
+                                      "--resample-until", "100", "--dense-layers", "small"])
+    assert dress_options(args) == DressOptions(sample_prob=0.5, d_min=0.05, sample_seed=2,
+                                               distill="densest", resample_until=100,
+                                               dense_layers="small")
