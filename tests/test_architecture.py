@@ -30,6 +30,9 @@ FLOORS = {
     "minidress.pruning": {"minidress.dress", "minidress.nn", "minidress.masks", "minidress.kernels",
                           "minidress.im2col", "minidress.checkpoint", "minidress.data",
                           "minidress.fileio", "minidress.validate"},
+    "minidress.quantize": {"minidress.pruning", "minidress.dress", "minidress.nn", "minidress.masks", "minidress.kernels",
+                           "minidress.im2col", "minidress.checkpoint", "minidress.data",
+                           "minidress.fileio", "minidress.validate"},
     "minidress.app": {"minidress"},          # the top floor may import anything
 }
 # Imports inside a function: only heavy optional dependencies loaded on demand, with a reason.

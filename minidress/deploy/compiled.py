@@ -55,15 +55,16 @@ class CompiledNet:
         widest = max([rs.row_len for rs in store.sparse.values()])
         self.index_dtype = np.uint16 if widest <= 1 << 16 else np.uint32
         self.products, self._code, self._layers = [], [], []
-        self._params, self._index, self._dense = [], [], []
-        self._sizes = {"params": 0, "index": 0, "dense": 0}
+        self._params, self._index, self._qvalues, self._dense = [], [], [], []
+        self._sizes = {"params": 0, "index": 0, "qvalues": 0, "dense": 0}
         shape = self._emit(build_model(store.meta["model"], dtype=store.dtype), "",
                            tuple(store.meta["model"]["input_shape"]))
         self.n_out = shape[0]
         self.code = np.array(self._code, np.int64).reshape(-1, 6)
-        self.layers = np.array(self._layers, np.int64).reshape(-1, 10)
+        self.layers = np.array(self._layers, np.int64).reshape(-1, 12)
         self.params = np.concatenate(self._params).astype(self.dtype)
         self.index = np.concatenate(self._index or [np.zeros(0, self.index_dtype)])
+        self.qvalues = np.concatenate(self._qvalues or [np.zeros(0, np.int8)])
         self.dense = np.concatenate(self._dense or [np.zeros(0, self.dtype)])
         self._matrices = {}                    # (product, k) -> offset of its masked matrix
         self.crossover = np.array([[p["row_len"] + 1 for p in self.products]] * 2, np.int64)
@@ -141,15 +142,20 @@ class CompiledNet:
         rs = self.store.sparse.get(name)
         entry = {"name": name, "rows": rows, "row_len": shape[0] * kh * kh, "positions": ho * wo,
                  "sparse": rs, "input": shape, "dense": -1}
-        vt_off = ct_off = kmax = -1
-        if rs is not None:
+        vt_off = ct_off = kmax = scale_off = -1
+        bits = getattr(rs, "bits", 0)         # a quantized layer (minidress.deploy.quantized)
+        if bits:
+            vt_off, scale_off = self._append("qvalues", rs.qt), self._append("params", rs.scale)
+            ct_off, kmax = self._append("index", rs.cols.T.astype(self.index_dtype)), rs.kmax
+        elif rs is not None:
             vt, ct = transpose_rowsparse(rs.values, rs.cols, self.index_dtype)
             vt_off, ct_off, kmax = self._append("params", vt), self._append("index", ct), vt.shape[0]
         else:                          # a layer the store keeps dense runs on BLAS at every density
             entry["dense"] = self._append("dense", self.store.dense[f"{name}.weight"])
         bias = self.store.dense.get(f"{name}.bias")
         bias_off = -1 if bias is None else self._append("params", bias)
-        self._layers.extend([rows, entry["row_len"], kh, kh, stride, pad, vt_off, ct_off, kmax, bias_off])
+        self._layers.extend([rows, entry["row_len"], kh, kh, stride, pad, vt_off, ct_off, kmax, bias_off,
+                             bits, scale_off])
         self._op(prog.OP_PRODUCT, len(self.products))
         self.products.append(entry)
         return rows, ho, wo
@@ -157,7 +163,7 @@ class CompiledNet:
     # -- running -----------------------------------------------------------------------------------
     def run(self, state, x, shape):
         """Logits ``[n_out, N]`` of the flat input ``x`` of ``shape`` (see ``program.run``)."""
-        out, out_shape = prog.run(self.code, self.layers, self.params, self.index, self.dense, state,
+        out, out_shape = prog.run_quantized(self.code, self.layers, self.params, self.index, self.qvalues, self.dense, state,
                                   x, shape)
         return out.reshape(out_shape[0], out_shape[1])
 
@@ -193,7 +199,8 @@ class CompiledNet:
         """Bytes this program holds besides the store: ``transposed`` (the batch-1 layout of
         the sparse entries, biases and folded batch norms), ``dense`` (layers kept dense and the
         masked matrices built for the BLAS path)."""
-        return {"transposed": int(self.params.nbytes + self.index.nbytes), "dense": int(self.dense.nbytes)}
+        return {"transposed": int(self.params.nbytes + self.index.nbytes + self.qvalues.nbytes),
+                "dense": int(self.dense.nbytes)}
 
     # -- choosing the faster path -----------------------------------------------------------------
     def calibrate(self, batch=32, seconds=0.001, rounds=7):
@@ -217,7 +224,7 @@ class CompiledNet:
                 def timed(k, dense_off):
                     st = np.zeros((4, len(self.products)), np.int64)
                     st[0, i], st[1:3, i] = k, dense_off
-                    return lambda: prog.run(code, self.layers, self.params, self.index, dense, st, x, shape)
+                    return lambda: prog.run_quantized(code, self.layers, self.params, self.index, self.qvalues, dense, st, x, shape)
                 t = _interleaved([timed(k1, -1), timed(k2, -1), timed(k2, len(self.dense))], seconds, rounds)
                 slope = (t[1] - t[0]) / max(1, k2 - k1)
                 # first k at which the kernel's time (t0 + slope * (k - k1)) reaches BLAS's

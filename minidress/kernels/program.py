@@ -11,14 +11,18 @@ Arrays
 ------
 code : int64 [n_ops, 6]
     One operation per row: ``code[i, 0]`` is the opcode (``OP_*`` below), the rest its operands.
-layers : int64 [n_products, 10]
+layers : int64 [n_products, 12]
     One Linear or Conv2d per row (``L_*`` columns): shape, kernel geometry, and the offsets of its
-    transposed row-sparse arrays in ``params``/``index`` and of its bias in ``params``.
+    transposed row-sparse arrays in ``params``/``index`` and of its bias in ``params``; for a
+    quantized layer (``L_BITS`` 8 or 4, else 0) ``L_VT`` is the offset of its entries in
+    ``qvalues`` and ``L_SCALE`` that of its per-row scales in ``params``.
 params : float [P]
     The transposed values ``vt [kmax, rows]`` of every sparse layer, biases, batch-norm scales
     and shifts, one after the other.
 index : unsigned int [Q]
     The transposed columns ``ct [kmax, rows]`` of every sparse layer.
+qvalues : int8 [R]
+    The transposed quantized entries of every quantized layer (``minidress.kernels.quantized``).
 dense : float [D]
     Dense matrices ``[rows, row_len]``: the layers the store keeps dense, and any masked matrix
     the model chose to run through BLAS at some density (see ``state``).
@@ -37,6 +41,7 @@ import numpy as np
 from numba import njit
 
 from .rowsparse import _matmul_rows
+from .quantized import qmatmul, qmatvec_t
 from .serving import flatten, im2col, matvec_t, pool2d, to_feature_major
 
 # opcodes and their operands (code[i, 1:])
@@ -52,14 +57,14 @@ OP_ADD = 8          # register: current + saved
 N_REGISTERS = 3
 
 # columns of the layers table
-L_ROWS, L_ROW_LEN, L_KH, L_KW, L_STRIDE, L_PAD, L_VT, L_CT, L_KMAX, L_BIAS = range(10)
+L_ROWS, L_ROW_LEN, L_KH, L_KW, L_STRIDE, L_PAD, L_VT, L_CT, L_KMAX, L_BIAS, L_BITS, L_SCALE = range(12)
 # Columns per block of the batched product: the rows of the input that the kept entries pick
 # stay in cache while every output row reads them (as ``rowsparse.BLOCK_BYTES``).
 BLOCK_COLUMNS = 2048
 
 
 @njit(cache=True)
-def _product(layer, k, dense_off, params, index, dense, h, shape):
+def _product(layer, k, dense_off, params, index, qvalues, dense, h, shape):
     """One Linear (``h [in, N]``) or Conv2d (``h [C, N, H, W]``), as its state says: the
     row-sparse kernel on the first ``k`` entries, or BLAS on a dense matrix. Returns the new
     activation ``[rows, N, Ho, Wo]`` (flat) and its shape."""
@@ -78,26 +83,48 @@ def _product(layer, k, dense_off, params, index, dense, h, shape):
         y = np.dot(w, cols.reshape(row_len)) if m == 1 else np.dot(w, cols).reshape(rows * m)
     else:
         kmax = layer[L_KMAX]
-        vt = params[layer[L_VT]:layer[L_VT] + kmax * rows].reshape(kmax, rows)
+        bits = layer[L_BITS] if layer.shape[0] > L_BITS else 0     # 10 columns: no quantization
         ct = index[layer[L_CT]:layer[L_CT] + kmax * rows].reshape(kmax, rows)
         y = np.empty(rows * m, h.dtype)
+        if bits:                                      # quantized entries, dequantized in the kernel
+            nq = (kmax if bits == 8 else (kmax + 1) // 2) * rows
+            qt = qvalues[layer[L_VT]:layer[L_VT] + nq].reshape(nq // rows, rows)
+            scale = params[layer[L_SCALE]:layer[L_SCALE] + rows]
+            if m == 1:
+                qmatvec_t(qt, ct, scale, bits, k, cols.reshape(row_len), y)
+            else:
+                qmatmul(qt, ct, scale, bits, k, cols, y.reshape(rows, m))
+            return _add_bias(layer, params, y, rows, m), (rows, n, ho, wo)
+        vt = params[layer[L_VT]:layer[L_VT] + kmax * rows].reshape(kmax, rows)
         if m == 1:                                    # one sample: gathers across rows
             matvec_t(vt, ct, k, cols.reshape(row_len), y)
         else:                                         # a batch: SIMD over the batch
             y2 = y.reshape(rows, m)
             for b0 in range(0, m, BLOCK_COLUMNS):
                 _matmul_rows(vt.T, ct.T, k, cols, y2, 0, rows, b0, min(m, b0 + BLOCK_COLUMNS))
+    return _add_bias(layer, params, y, rows, m), (rows, n, ho, wo)
+
+
+@njit(cache=True)
+def _add_bias(layer, params, y, rows, m):
     if layer[L_BIAS] >= 0:
         bias = params[layer[L_BIAS]:layer[L_BIAS] + rows]
         y2 = y.reshape(rows, m)
         for r in range(rows):       # element by element: a row-slice ``+=`` costs an array each
             for b in range(m):
                 y2[r, b] += bias[r]
-    return y, (rows, n, ho, wo)
+    return y
 
 
 @njit(cache=True)
 def run(code, layers, params, index, dense, state, x, shape):
+    """``run_quantized`` of a program without quantized layers (its ``layers`` table may have the
+    first 10 columns only)."""
+    return run_quantized(code, layers, params, index, np.zeros(0, np.int8), dense, state, x, shape)
+
+
+@njit(cache=True)
+def run_quantized(code, layers, params, index, qvalues, dense, state, x, shape):
     """Run the program on ``x`` (flat, feature-major, of ``shape = (C, N, H, W)``; with
     ``C < 0``, ``x`` is batch-major ``[N, |C|, H, W]`` and is turned feature-major first).
     Returns the output (flat) and its shape ``(C, N, H, W)``."""
@@ -113,7 +140,7 @@ def run(code, layers, params, index, dense, state, x, shape):
     for i in range(code.shape[0]):
         op, a, b, c = code[i, 0], code[i, 1], code[i, 2], code[i, 3]
         if op == OP_PRODUCT:
-            h, shape = _product(layers[a], state[0, a], state[path, a], params, index, dense, h, shape)
+            h, shape = _product(layers[a], state[0, a], state[path, a], params, index, qvalues, dense, h, shape)
         elif op == OP_BATCHNORM:
             scale, shift = params[a + slot * c:a + (slot + 1) * c], params[b + slot * c:b + (slot + 1) * c]
             h2 = h.reshape(c, h.size // c)
