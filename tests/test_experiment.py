@@ -31,6 +31,10 @@ def test_every_level_has_dress_and_baselines(result):
     assert result["passes"]["dress"] == 4 * result["passes"]["single_each"]
     b = result["bytes"]
     assert b["dense"] < b["nested"] < b["separate"] < b["separate_csr"]
+    memory = result["memory"]
+    assert set(memory) == {"1.0", "0.5", "0.25", "0.1"}
+    assert memory["0.1"]["params_level"] < memory["1.0"]["params_level"]
+    assert memory["0.1"]["activations"] == memory["1.0"]["activations"]     # sparsity keeps activations
     assert "| 0.25 |" in format_table(result)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 from ..checkpoint import load_checkpoint
-from ..deploy import STORE_VERSION, DeployedModel, Store
+from ..deploy import STORE_VERSION, DeployedModel, Store, device_memory
 from ..dress import DressOptions, build_dress, recalibrate_batchnorm
 from ..fileio import atomic_write_bytes
 from ..nn.metrics import macs
@@ -274,9 +274,14 @@ def cmd_inspect(args):
     for name, rs in store.sparse.items():
         print(f"| {name} | {'x'.join(map(str, rs.shape))} | {rs.row_len} | {rs.cols.dtype} | "
               f"{', '.join(map(str, rs.prefix))} |")
-    print("\n| density | MACs per sample |\n|---|---|")
+    memory = device_memory(store)
+    print("\n| density | MACs per sample | parameter bytes of this level alone | peak activation bytes, "
+          "batch 1 / 32 | im2col scratch, batch 1 / 32 |\n|---|---|---|---|---|")
     for d in sorted(store.levels, reverse=True):
-        print(f"| {d:g} | {deployed.set_density(d).macs():,} |")
+        m = memory[d]
+        print(f"| {d:g} | {deployed.set_density(d).macs():,} | {m['params_level']:,} | "
+              f"{m['activations'][1]:,} / {m['activations'][32]:,} | {m['scratch'][1]:,} / {m['scratch'][32]:,} |")
+    print("(weight sparsity shrinks parameters and MACs, not activations)")
     b = store.accounting()
     k = len(store.levels)
     print(f"\n| holding all {k} levels as | bytes | vs this store |\n|---|---|---|")

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..data import load_dataset
 from ..data.batching import standardize
-from ..deploy.store import Store
+from ..deploy import Store, device_memory
 from ..dress import Dress, DressOptions, recalibrate_batchnorm
 from ..nn.metrics import kept_parameters, macs
 from ..data.batching import train_val_split
@@ -226,7 +226,10 @@ def run_experiment(cfg: RunConfig, run_dir=None, resume=False) -> Run:
                           "kept_params": kept_parameters(model)}
     result["passes"] = {"pretrain": cfg.pretrain_epochs * per_epoch,
                         "dress": cfg.epochs * per_epoch * len(cfg.levels)}
-    result["bytes"] = Store.from_dress(dress).accounting()
+    store = Store.from_dress(dress, meta={"model": spec, "config": result["config"]})
+    result["bytes"] = store.accounting()
+    # What a device needs per level: parameters, peak activations and scratch at batch 1 and 32.
+    result["memory"] = {str(d): m for d, m in device_memory(store).items()}
     result["batchnorm_layers"] = len(dress.batchnorms)
 
     # 3. Any density: the fine grid, with the nearest level's norms and with recalibration.
