@@ -1,4 +1,8 @@
-"""Execute every tutorial notebook top to bottom (MINIDRESS_FAST=1) and fail on the first error."""
+"""Execute every tutorial notebook top to bottom (MINIDRESS_FAST=1); fail if any raised.
+
+CI does not run this script: building the documentation site (docs/conf.py) executes every
+notebook the same way and fails on an error. This is the quick check without the docs extra.
+"""
 import os
 import sys
 import time
