@@ -44,7 +44,9 @@ from pathlib import Path
 
 from common import DEFAULT_DATA_DIR, blas_threads_report, set_thread_env
 
-MODELS = ("mlp", "lenet5")
+MODELS = ("mlp", "lenet5", "cnn", "resnet")
+# The pre-activation ResNet 16-32-64 is timed at batch 64 (its target), the others at --batch-size.
+MODEL_BATCH = {"resnet": 64}
 QUICK_STEPS, QUICK_REPEATS, QUICK_WARMUP = 10, 1, 2
 
 
@@ -68,6 +70,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-torch", action="store_true", help="time minidress only")
+    p.add_argument("--numba-threads", type=int, default=None,
+                   help="threads of the Numba pool (conv and pooling kernels) while training "
+                        "(default: --threads); see minidress.kernels.conv_train.training_threads")
+    p.add_argument("--blas-threads", type=int, default=1,
+                   help="BLAS threads while minidress trains (default 1: the measured policy on 2 "
+                        "cores is Numba on all of them, BLAS on one; threadpoolctl)")
     args = p.parse_args(argv)
     if args.repeats is None:
         args.repeats = QUICK_REPEATS if args.quick else 3
@@ -128,10 +136,14 @@ def make_batches(x, y, batch_size: int, seed: int):
 
 def build_minidress(name: str, seed: int):
     import numpy as np
-    from minidress.nn.models import lenet5, mlp
+    from minidress.nn.models import lenet5, mlp, preact_resnet, small_cnn
 
     if name == "mlp":
         return mlp([784, 300, 100, 10], seed=seed, dtype=np.float32)
+    if name == "cnn":
+        return small_cnn((1, 28, 28), seed=seed, dtype=np.float32)
+    if name == "resnet":
+        return preact_resnet((1, 28, 28), widths=(16, 32, 64), seed=seed, dtype=np.float32)
     return lenet5((1, 28, 28), seed=seed, dtype=np.float32)
 
 
@@ -140,26 +152,49 @@ def to_torch(model):
     import torch
     from minidress.nn import layers as L
 
-    mods = []
-    for layer in model.layers:
-        if isinstance(layer, L.Linear):
-            m = torch.nn.Linear(layer.in_features, layer.out_features, bias="bias" in layer.params)
-        elif isinstance(layer, L.Conv2d):
-            m = torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
-                                layer.stride, layer.padding, bias="bias" in layer.params)
-        elif isinstance(layer, L.ReLU):
-            m = torch.nn.ReLU()
-        elif isinstance(layer, L.MaxPool2d):
-            m = torch.nn.MaxPool2d(layer.k, layer.stride)
-        elif isinstance(layer, L.Flatten):
-            m = torch.nn.Flatten()
-        else:
-            raise TypeError(f"no torch translation for {layer!r}")
-        with torch.no_grad():
-            for pname, arr in layer.params.items():
-                getattr(m, pname).copy_(torch.from_numpy(arr))
-        mods.append(m)
-    return torch.nn.Sequential(*mods).float()
+    class PreAct(torch.nn.Module):
+        def __init__(self, parts):
+            super().__init__()
+            self.p = torch.nn.ModuleDict(parts)
+
+        def forward(self, x):
+            p = self.p
+            a = p["relu1"](p["bn1"](x))
+            out = p["conv2"](p["relu2"](p["bn2"](p["conv1"](a))))
+            return out + (p["proj"](a) if "proj" in p else x)
+
+    class GlobalAvg(torch.nn.Module):
+        def forward(self, x):
+            return x.mean(dim=(2, 3))
+
+    return torch.nn.Sequential(*[_torch_layer(layer, torch, L, PreAct, GlobalAvg)
+                                 for layer in model.layers]).float()
+
+
+def _torch_layer(layer, torch, L, PreAct, GlobalAvg):
+    if isinstance(layer, L.PreActBlock):
+        return PreAct({n: _torch_layer(c, torch, L, PreAct, GlobalAvg) for n, c in layer.children()})
+    if isinstance(layer, L.Linear):
+        m = torch.nn.Linear(layer.in_features, layer.out_features, bias="bias" in layer.params)
+    elif isinstance(layer, L.Conv2d):
+        m = torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                            layer.stride, layer.padding, bias="bias" in layer.params)
+    elif isinstance(layer, L.BatchNorm):
+        m = torch.nn.BatchNorm2d(layer.num_features, eps=layer.eps, momentum=layer.momentum)
+    elif isinstance(layer, L.ReLU):
+        m = torch.nn.ReLU()
+    elif isinstance(layer, L.MaxPool2d):
+        m = torch.nn.MaxPool2d(layer.k, layer.stride)
+    elif isinstance(layer, L.GlobalAvgPool):
+        m = GlobalAvg()
+    elif isinstance(layer, L.Flatten):
+        m = torch.nn.Flatten()
+    else:
+        raise TypeError(f"no torch translation for {layer!r}")
+    with torch.no_grad():
+        for pname, arr in layer.params.items():
+            getattr(m, pname).copy_(torch.from_numpy(arr.reshape(getattr(m, pname).shape)))
+    return m
 
 
 class MinidressRunner:
@@ -174,8 +209,16 @@ class MinidressRunner:
         self.step_fn = dense_step
         self.batches = batches
 
+    blas_threads = None
+
     def run(self, n_steps):
         """Train on the first ``n_steps`` batches; returns the mean loss (a sanity check)."""
+        import threadpoolctl
+
+        with threadpoolctl.threadpool_limits(self.blas_threads):
+            return self._run(n_steps)
+
+    def _run(self, n_steps):
         model, opt, step = self.model, self.opt, self.step_fn
         total = 0.0
         for xb, yb in self.batches[:n_steps]:
@@ -268,10 +311,28 @@ def main(argv=None) -> int:
               f"oversubscribed; --threads 1 gives steadier numbers")
     print(flush=True)
 
+    import numba
+    from minidress.kernels.conv_train import training_threads
+
+    n_numba = args.threads if args.numba_threads is None else args.numba_threads
+    MinidressRunner.blas_threads = args.blas_threads
+    print(f"minidress while training: BLAS {args.blas_threads} thread(s); "
+          f"Numba pool (conv/pooling kernels): {n_numba} of {numba.config.NUMBA_NUM_THREADS} "
+          f"threads, threading layer {numba.config.THREADING_LAYER}", flush=True)
     runner_types = [MinidressRunner] + ([TorchRunner] if torch else [])
     rows = []
+    all_batches, all_steps, all_scale = batches, n_steps, scale
     for model_name in args.models:
+        bs = MODEL_BATCH.get(model_name, args.batch_size)
+        batches, n_steps, scale = all_batches, all_steps, all_scale
+        if bs != args.batch_size:
+            batches, _ = make_batches(x, y, bs, args.seed)
+            n_steps = len(batches) if args.steps is None else min(args.steps, len(batches))
+            scale = len(batches) / n_steps
+            print(f"{model_name}: batch {bs}, {len(batches)} steps per epoch", flush=True)
         runners = [R(model_name, batches, args.lr, args.seed) for R in runner_types]
+        numba_pool = training_threads(n_numba)
+        numba_pool.__enter__()
         for r in runners:
             if args.warmup:
                 r.run(args.warmup)
@@ -287,7 +348,8 @@ def main(argv=None) -> int:
             print(f"  {model_name} repeat {rep + 1}/{args.repeats}: "
                   + ", ".join(f"{r.name} {times[r.name][-1]:.3f} s/epoch (mean loss "
                               f"{losses[r.name][-1]:.4f})" for r in runners), flush=True)
-        rows.append((model_name, times))
+        numba_pool.__exit__(None, None, None)
+        rows.append((model_name, bs, times))
 
     load1 = os.getloadavg()
     label = "s/epoch" if args.steps is None else "s/epoch (extrap.)"
@@ -296,9 +358,9 @@ def main(argv=None) -> int:
     if has_torch:
         header += [f"torch {label} median [min]", "ratio minidress/torch median [range]"]
     table = [header]
-    for model_name, times in rows:
+    for model_name, bs, times in rows:
         md = stats(times["minidress"])
-        row = [model_name, str(args.batch_size), f"{md[0]:.3f} [{md[1]:.3f}]"]
+        row = [model_name, str(bs), f"{md[0]:.3f} [{md[1]:.3f}]"]
         if has_torch:
             tt = stats(times["torch"])
             ratios = stats([a / b for a, b in zip(times["minidress"], times["torch"])])

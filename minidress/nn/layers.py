@@ -26,7 +26,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from ..im2col import col2im, conv_output_size, im2col, receptive_fields
-from ..kernels import rowsparse_matmul, rowsparse_matmul_grads
+from ..kernels import conv_train, rowsparse_matmul, rowsparse_matmul_grads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,11 +260,30 @@ class Linear(Layer):
 
 
 # ---------------------------------------------------------------------------------------------
-# Conv2d through im2col
+# Conv2d: Numba loops (kernels.conv_train), and the im2col reference beside them
 # ---------------------------------------------------------------------------------------------
 
 def conv2d_forward(x, w, b, stride=1, padding=0):
-    """2-D convolution (cross-correlation, as in every DL library) via im2col and one GEMM.
+    """2-D convolution (cross-correlation, as in every DL library): direct Numba loops over NCHW
+    (``minidress.kernels.conv_train``) or im2col + BLAS. Same arguments and output as
+    ``conv2d_forward_reference``, up to the order of the additions; its cache is for
+    ``conv2d_backward`` only. Layers where im2col + BLAS is faster (``direct_wins``) run the
+    reference, and so does float64: the golden files and the float64 checks stay bit for bit."""
+    if x.dtype == np.float32 and conv_train.direct_wins(x.shape, w.shape, stride, padding):
+        return conv_train.conv2d_forward(x, w, b, stride, padding)
+    return conv2d_forward_reference(x, w, b, stride, padding)
+
+
+def conv2d_backward(dout, cache):
+    """``dout [N, C_out, Ho, Wo]`` -> ``dx [N, C_in, H, W], dw [C_out, C_in, kh, kw], db [C_out]``."""
+    if cache[1].ndim == 4:      # the padded input (direct loops), not the im2col matrix
+        return conv_train.conv2d_backward(dout, cache)
+    return conv2d_backward_reference(dout, cache)
+
+
+def conv2d_forward_reference(x, w, b, stride=1, padding=0):
+    """2-D convolution (cross-correlation, as in every DL library) via im2col and one GEMM: the NumPy
+    reference for ``conv2d_forward``.
 
     Parameters
     ----------
@@ -275,7 +294,7 @@ def conv2d_forward(x, w, b, stride=1, padding=0):
     Returns
     -------
     out : ndarray [N, C_out, Ho, Wo]
-    cache : tuple for ``conv2d_backward``
+    cache : tuple for ``conv2d_backward_reference``
     """
     c_out, _, kh, kw = w.shape
     cols, (ho, wo) = im2col(x, kh, kw, stride, padding)
@@ -285,8 +304,9 @@ def conv2d_forward(x, w, b, stride=1, padding=0):
     return np.ascontiguousarray(out), (x.shape, cols, w, stride, padding)
 
 
-def conv2d_backward(dout, cache):
-    """``dout [N, C_out, Ho, Wo]`` -> ``dx [N, C_in, H, W], dw [C_out, C_in, kh, kw], db [C_out]``."""
+def conv2d_backward_reference(dout, cache):
+    """The reference backward pass of ``conv2d_forward_reference`` (its cache): two GEMMs and
+    ``col2im``."""
     x_shape, cols, w, stride, padding = cache
     c_out, _, kh, kw = w.shape
     d2 = dout.transpose(0, 2, 3, 1).reshape(-1, c_out)         # [N*Ho*Wo, C_out]
@@ -415,8 +435,8 @@ def _scatter_windows(dwin, x_shape, k, stride):
     return dx
 
 
-def maxpool_forward(x, k=2, stride=None):
-    """Max over ``k x k`` windows. ``x [N, C, H, W]`` -> ``[N, C, Ho, Wo]``.
+def maxpool_forward_reference(x, k=2, stride=None):
+    """NumPy reference for ``maxpool_forward``: max over ``k x k`` windows. ``x [N, C, H, W]`` -> ``[N, C, Ho, Wo]``.
 
     Ties inside a window send the gradient to the first maximum in row-major order.
     """
@@ -428,23 +448,28 @@ def maxpool_forward(x, k=2, stride=None):
     return out, (x.shape, arg, k, stride)
 
 
-def maxpool_backward(dout, cache):
+def maxpool_backward_reference(dout, cache):
     x_shape, arg, k, stride = cache
     onehot = arg[..., None] == np.arange(k * k)                 # [N, C, Ho, Wo, k*k]
     dwin = (onehot * dout[..., None]).reshape(*dout.shape, k, k)
     return _scatter_windows(dwin, x_shape, k, stride)
 
 
-def avgpool_forward(x, k=2, stride=None):
-    """Mean over ``k x k`` windows. ``x [N, C, H, W]`` -> ``[N, C, Ho, Wo]``."""
+def avgpool_forward_reference(x, k=2, stride=None):
+    """NumPy reference for ``avgpool_forward``: mean over ``k x k`` windows. ``x [N, C, H, W]`` -> ``[N, C, Ho, Wo]``."""
     stride = k if stride is None else stride
     return _windows(x, k, stride).mean(axis=(-2, -1)), (x.shape, k, stride)
 
 
-def avgpool_backward(dout, cache):
+def avgpool_backward_reference(dout, cache):
     x_shape, k, stride = cache
     dwin = np.broadcast_to((dout / (k * k))[..., None, None], (*dout.shape, k, k))
     return _scatter_windows(dwin, x_shape, k, stride)
+
+
+# The pooling layers run the Numba loops, which give the references' results bit for bit.
+maxpool_forward, maxpool_backward = conv_train.maxpool_forward, conv_train.maxpool_backward
+avgpool_forward, avgpool_backward = conv_train.avgpool_forward, conv_train.avgpool_backward
 
 
 class _Pool2d(Layer):
