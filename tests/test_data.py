@@ -786,13 +786,38 @@ def test_fashion_mnist_copies_that_cannot_be_checked_are_refused(tmp_path, monke
         load_fashion_mnist(folder)
 
 
+def test_fashion_mnist_accepts_the_trusted_recompressed_copy(tmp_path, monkeypatch):
+    """A second digest, of the decompressed content of a trusted copy (Debian's package), lets a
+    re-gzipped or uncompressed copy pass; a changed label still does not."""
+    arrays = fake_mnist_arrays(seed=4)
+    files = {n: idx_bytes(a) for n, a in arrays.items()}
+    entry = tuple(loaders.RemoteFile(s.name, s.digest, s.algorithm, s.urls, "file",
+                                     hashlib.sha256(gzip.decompress(files[s.name])).hexdigest(), "a test copy")
+                  for s in registry_entry(files, "md5"))
+    monkeypatch.setitem(loaders.REGISTRY, "fashion_mnist", entry)
+    folder = write_files(tmp_path / "fashion", files)
+    for name in IDX_NAMES[:2]:                           # re-gzipped, and uncompressed
+        raw = gzip.decompress(files[name])
+        (folder / name).write_bytes(gzip.compress(raw, compresslevel=1, mtime=7))
+    (folder / IDX_NAMES[2]).unlink()
+    (folder / IDX_NAMES[2][:-3]).write_bytes(gzip.decompress(files[IDX_NAMES[2]]))
+    ds = load_fashion_mnist(folder)
+    assert np.array_equal(ds.y_train, arrays[IDX_NAMES[1]]) and ds.x_test.shape[0] == 3
+    changed = arrays[IDX_NAMES[1]].copy()
+    changed[0] = (changed[0] + 1) % 10
+    (folder / IDX_NAMES[1]).write_bytes(gzip.compress(idx_bytes(changed, gz=False), mtime=7))
+    with pytest.raises(ChecksumError, match="Nor does its decompressed content match a test copy"):
+        load_fashion_mnist(folder)
+
+
 def test_registry_has_upstream_digests():
     mnist = {s.name: s for s in loaders.REGISTRY["mnist"]}
     assert mnist["train-images-idx3-ubyte.gz"].digest.startswith("ba891046")
     assert mnist["t10k-labels-idx1-ubyte.gz"].digest.startswith("ff7bcfd4")
     assert all(s.algorithm == "sha256" and len(s.digest) == 64 and s.digest_of == "content"
                for s in mnist.values())
-    assert all(s.algorithm == "md5" and s.digest_of == "file" for s in loaders.REGISTRY["fashion_mnist"])
+    assert all(s.algorithm == "md5" and s.digest_of == "file" and len(s.content_sha256) == 64
+               and "Debian" in s.content_source for s in loaders.REGISTRY["fashion_mnist"])
     assert loaders.REGISTRY["cifar10"][0].digest == "c58f30108f718f92721af3b95e74349a"
     with pytest.raises(ValueError, match="digest_of must be 'file' or 'content', got 'gz'"):
         loaders.RemoteFile("x", "0", "md5", (), "gz")

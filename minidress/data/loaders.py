@@ -100,6 +100,13 @@ class RemoteFile:
         exact file passes. "content": it is of the decompressed content, so
         the published .gz, any faithful re-compression and the uncompressed
         file all pass.
+    content_sha256 : str, optional
+        A second accepted digest, the sha256 of the decompressed content of
+        a copy we trust by another route (``content_source`` says which), for
+        files whose upstream publishes only a compressed file's digest. A
+        copy passes if it matches either digest.
+    content_source : str
+        Where ``content_sha256`` comes from.
     """
 
     name: str
@@ -107,6 +114,8 @@ class RemoteFile:
     algorithm: str
     urls: tuple
     digest_of: str = "file"
+    content_sha256: str = ""
+    content_source: str = ""
 
     def __post_init__(self):
         if self.digest_of not in ("file", "content"):
@@ -126,9 +135,10 @@ _IDX_NAMES = (
 )
 
 
-def _idx_files(base, algorithm, digests, digest_of):
-    return tuple(RemoteFile(n, d, algorithm, (base + n,), digest_of)
-                 for n, d in zip(_IDX_NAMES, digests))
+def _idx_files(base, algorithm, digests, digest_of, content=(), content_source=""):
+    content = content or ("",) * len(_IDX_NAMES)
+    return tuple(RemoteFile(n, d, algorithm, (base + n,), digest_of, c, content_source)
+                 for n, d, c in zip(_IDX_NAMES, digests, content))
 
 
 # data set name -> files. Tests monkeypatch entries to point at fabricated files.
@@ -142,16 +152,23 @@ REGISTRY: dict = {
         "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",  # 7840016 bytes
         "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",  # 10008 bytes
     ), "content"),
-    # Fashion-MNIST publishes only the MD5 of its .gz files, and no copy of the data was available
-    # to us to compute the decompressed digests from. So the exact published .gz is required:
-    # a faithful re-compression (Debian's dataset-fashion-mnist re-gzips the files) or an
-    # uncompressed copy is refused, because we cannot tell it from a changed one.
+    # Fashion-MNIST publishes only the MD5 of its .gz files, so the published .gz passes by that
+    # digest. Debian's dataset-fashion-mnist package re-gzips the files (other bytes, no
+    # upstream digest); it is signed by Debian's archive keys, so the sha256 of its decompressed
+    # files (package 0.0~git20200523.55506a9-1, computed here) is a second accepted digest: that
+    # copy, any faithful re-compression of it and its uncompressed files pass, a changed byte
+    # does not. (Whether it decompresses to upstream's bytes we could not check: no upstream copy.)
     "fashion_mnist": _idx_files(_FASHION_BASE, "md5", (
         "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
         "25c81989df183df01b3e8a0aad5dffbe",
         "bef4ecab320f06d8554ea6380940ec79",
         "bb300cfdad3c16e7a12e480ee83cd310",
-    ), "file"),
+    ), "file", content=(
+        "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",  # 47040016 bytes
+        "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",  # 60008 bytes
+        "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",  # 7840016 bytes
+        "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",  # 10008 bytes
+    ), content_source="Debian's signed package dataset-fashion-mnist 0.0~git20200523.55506a9-1"),
     # CIFAR-10 publishes one MD5, of the tarball: see cifar.py for how the batches are read.
     "cifar10": (
         RemoteFile("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", "md5", (_CIFAR10_URL,)),
@@ -364,7 +381,8 @@ def check_digest(data: bytes, spec: RemoteFile, source) -> None:
         what = "decompressed content" if spec.digest_of == "content" else "file"
         hint = ""
         if spec.digest_of == "file" and spec.name.endswith(".gz"):
-            hint = " Only this exact published .gz is accepted: a re-compressed copy has other bytes."
+            hint = (f" Nor does its decompressed content match {spec.content_source}." if spec.content_sha256
+                    else " Only this exact published .gz is accepted: a re-compressed copy has other bytes.")
         raise ChecksumError(
             f"checksum mismatch for {spec.name} ({source}): expected {spec.algorithm} "
             f"{spec.digest} of the {what}, got {got}. The file is truncated, corrupt or not the "
@@ -378,6 +396,12 @@ def verify(data: bytes, spec: RemoteFile, source) -> bytes:
     With a content digest, gzip data is decompressed (under the cap) first,
     and the decompressed content is returned; otherwise ``data`` itself.
     """
+    if spec.content_sha256 and spec.digest_of == "file":
+        content = gunzip(data, source=source) if is_gzip(data) else data
+        if hashlib.sha256(content).hexdigest() == spec.content_sha256:
+            return data           # the trusted copy (or a faithful re-compression of it)
+        if not (spec.name.endswith(".gz") and is_gzip(data)):
+            check_digest(content, RemoteFile(spec.name, spec.content_sha256, "sha256", (), "content"), source)
     if spec.digest_of == "content" and is_gzip(data):
         data = gunzip(data, source=source)
     check_digest(data, spec, source)
@@ -470,7 +494,7 @@ def search_dirs(name: str, data_dir=None, download: Optional[bool] = None) -> li
 
 def _accepted_names(spec: RemoteFile) -> list:
     """File names that can hold ``spec``: an uncompressed copy too, if the digest is of the content."""
-    if spec.digest_of == "content" and spec.name.endswith(".gz"):
+    if (spec.digest_of == "content" or spec.content_sha256) and spec.name.endswith(".gz"):
         return [spec.name, spec.name[:-3]]
     return [spec.name]
 
