@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1] / "minidress"
 
 # deploy: 740 -> 970 for the quantized store (its format, loader and checks: ~165 lines) and
 # the device-memory count (~60): new formats and their validation, not denser code.
-BUDGETS = {"DRESS algorithm": 330, "nn library": 900, "deploy": 970}
+BUDGETS = {"DRESS algorithm": 330, "nn library": 910, "deploy": 970}
 CODE_TOKENS = {tokenize.OP, tokenize.NAME, tokenize.NUMBER, tokenize.STRING}
 # DRESS's algorithm: all of dress.py, the row rules of masks.py (not its ablation masks), and
 # the batch-norm slot logic, which lives in nn/layers.py.

@@ -27,7 +27,7 @@ import numpy as np
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..dress import recalibrate_batchnorm
 from ..nn.layers import BatchNorm
-from ..nn.train import evaluate
+from ..nn.train import StepCounter, evaluate
 from ..validate import check_int
 
 
@@ -56,7 +56,7 @@ def _jsonable(options: dict) -> dict:
     return json.loads(json.dumps(options))
 
 
-class Peer:
+class Peer(StepCounter):
     """Base class of the any-time peers; see the module docstring.
 
     Subclasses set ``kind`` (stored in checkpoints), ``counter`` (the name of the step-counter
@@ -82,19 +82,6 @@ class Peer:
     counter = "peer_step"
     passes_per_step = 1
 
-    def _start_counter(self):
-        self.model.buffers.setdefault(self.counter, np.zeros((), np.int64))
-
-    @property
-    def steps_done(self) -> int:
-        """Training steps taken so far (restored by ``load``)."""
-        return int(self.model.buffers[self.counter])
-
-    def _advance(self) -> int:
-        """The current step number; the counter moves on by one."""
-        t = self.steps_done
-        self.model.buffers[self.counter][...] = t + 1
-        return t
 
     def options(self) -> dict:
         raise NotImplementedError

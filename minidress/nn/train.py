@@ -19,6 +19,27 @@ from ..validate import check_int
 from .losses import softmax_cross_entropy
 
 
+class StepCounter:
+    """A training step counter kept in ``model.buffers[counter]`` (so a checkpoint restores it
+    and a resumed run draws what the uninterrupted one would); for classes with a ``model``."""
+
+    counter = "step"
+
+    def _start_counter(self):
+        self.model.buffers.setdefault(self.counter, np.zeros((), np.int64))
+
+    @property
+    def steps_done(self) -> int:
+        """Training steps taken so far (restored by loading a checkpoint)."""
+        return int(self.model.buffers[self.counter])
+
+    def _advance(self) -> int:
+        """The current step number; the counter moves on by one."""
+        t = self.steps_done
+        self.model.buffers[self.counter][...] = t + 1
+        return t
+
+
 def dense_step(model, xb, yb):
     """One forward and backward pass of the whole (dense) model.
 

@@ -28,7 +28,7 @@ from ..masks import layerwise_topk_mask, row_topk_mask
 from ..nn.layers import BatchNorm
 from ..nn.losses import softmax_cross_entropy
 from ..nn.metrics import macs
-from ..nn.train import evaluate, predict_logits
+from ..nn.train import StepCounter, evaluate, predict_logits
 from ..validate import check_int
 
 # "row": DRESS's row-balanced set (every row keeps n_kept(d, row_len)); "layer": unstructured
@@ -107,7 +107,7 @@ def penalised_step(model, xb, yb, penalty_grads=None, loss_fn=softmax_cross_entr
     return float(loss), batch_accuracy(logits, yb), grads
 
 
-class Pruner:
+class Pruner(StepCounter):
     """Base class of the pruning families; see the module docstring.
 
     Subclasses set ``kind`` (stored in checkpoints), define ``options()`` and ``step``, and call
@@ -128,23 +128,11 @@ class Pruner:
         self.dense_first_last = bool(dense_first_last)
         self.layers = sparsifiable_layers(model, self.dense_first_last)
         self.batchnorms = [m for _, m in model.named_layers() if isinstance(m, BatchNorm)]
-        model.buffers.setdefault(self.counter, np.zeros((), np.int64))
+        self._start_counter()
         for layer in self.layers.values():
             w = layer.params["weight"]
             layer.buffers.setdefault("prune_mask", np.ones_like(w))
             layer.mask = layer.buffers["prune_mask"]     # the same array: loads restore it
-
-    # -- the step counter ------------------------------------------------------------------------
-    @property
-    def steps_done(self) -> int:
-        """Training steps taken so far (restored by ``load``)."""
-        return int(self.model.buffers[self.counter])
-
-    def _advance(self) -> int:
-        """The current step number; the counter moves on by one."""
-        t = self.steps_done
-        self.model.buffers[self.counter][...] = t + 1
-        return t
 
     # -- masks -----------------------------------------------------------------------------------
     def masks(self) -> dict:
