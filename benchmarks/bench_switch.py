@@ -207,17 +207,11 @@ class torch_dense:
 
     def latency_profile(self, densities, batch, repeats=30, quantile=0.9):
         """As ``DeployedModel.latency_profile``: a warm-up, then the ``quantile`` of ``repeats``."""
-        import time
-
         import numpy as np
+
+        from minidress.deploy.runtime import timed_calls
         x = np.random.default_rng(0).standard_normal((batch, *self.input_shape)).astype(np.float32)
-        self.predict(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            self.predict(x)
-            times.append(time.perf_counter() - t0)
-        return {1.0: float(np.quantile(times, quantile))}
+        return {1.0: float(np.quantile(timed_calls(self.predict, x, repeats), quantile))}
 
 
 def plot(curves, path):

@@ -136,6 +136,17 @@ class _PreActOp:
         return out + (self.proj(a) if self.proj else x)
 
 
+def timed_calls(predict, x, repeats) -> list:
+    """Seconds of ``repeats`` timed ``predict(x)`` calls, after one untimed call (warm-up)."""
+    predict(x)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        predict(x)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 class DeployedModel:
     """An inference-only DRESS network over one store.
 
@@ -383,14 +394,7 @@ class DeployedModel:
         return prof
 
     def _times(self, x, repeats):
-        """Seconds of ``repeats`` timed ``predict(x)`` calls, after one untimed call."""
-        self.predict(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            self.predict(x)
-            times.append(time.perf_counter() - t0)
-        return times
+        return timed_calls(self.predict, x, repeats)
 
     def choose_density(self, budget_ms) -> float:
         """The densest profiled density whose latency fits ``budget_ms``; the sparsest one if
