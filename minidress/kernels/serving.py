@@ -93,32 +93,34 @@ def im2col_reference(x, kh, kw, stride, padding):
     return im2col_cnhw(x, kh, kw, stride, padding)[0]
 
 
-@njit(cache=True)
+@noalias_njit
 def im2col(x, kh, kw, stride, padding, out):
-    """Kernel of ``im2col_reference`` writing ``out [C*kh*kw, N*Ho*Wo]``; padding reads as 0.
+    """Kernel of ``im2col_reference`` writing ``out [C*kh*kw, N*Ho*Wo]`` (which must not overlap
+    ``x``); padding reads as 0.
 
-    For one kernel offset ``(i, j)`` and one output line, the outputs ``ox`` in
-    ``[ox0, ox1)`` read the input line at ``ox * stride + j - padding``, inside the image; the
-    others are padding. So each output line is one strided copy and two runs of zeros."""
+    The input is first copied into a zero-padded buffer, so that the copy loop has no branch:
+    output ``(r, b, oy, ox)`` reads ``xp[ci, b, oy*stride + i, ox*stride + j]``. Plain element
+    loops, not slice assignments: a slice costs an array view per output line (``Wo`` is often
+    8), which made an earlier version 4x slower than NumPy's strided copy at batch 32."""
     c, n, h, w = x.shape
     ho, wo = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
-    for j in range(kw):
-        ox0 = max(0, -((j - padding) // stride))          # first ox with ox*stride + j >= padding
-        ox1 = max(ox0, min(wo, (w - 1 + padding - j) // stride + 1))
-        ix0 = ox0 * stride + j - padding
+    xp = x
+    if padding:
+        xp = np.zeros((c, n, h + 2 * padding, w + 2 * padding), x.dtype)
         for ci in range(c):
-            for i in range(kh):
-                row = out[(ci * kh + i) * kw + j]
+            for b in range(n):
+                for iy in range(h):
+                    for ix in range(w):
+                        xp[ci, b, iy + padding, ix + padding] = x[ci, b, iy, ix]
+    for ci in range(c):
+        for i in range(kh):
+            for j in range(kw):
+                r = (ci * kh + i) * kw + j
                 for b in range(n):
                     for oy in range(ho):
-                        iy = oy * stride + i - padding
-                        line = row[(b * ho + oy) * wo:(b * ho + oy + 1) * wo]
-                        if iy < 0 or iy >= h:
-                            line[:] = 0
-                            continue
-                        line[:ox0] = 0
-                        line[ox0:ox1] = x[ci, b, iy, ix0:ix0 + (ox1 - ox0 - 1) * stride + 1:stride]
-                        line[ox1:] = 0
+                        base, iy = (b * ho + oy) * wo, oy * stride + i
+                        for ox in range(wo):
+                            out[r, base + ox] = xp[ci, b, iy, ox * stride + j]
 
 
 @njit(cache=True)

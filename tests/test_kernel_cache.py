@@ -1,0 +1,37 @@
+"""The guard that drops Numba cache files compiled from other versions of the kernel sources."""
+from minidress.kernels._cache import drop_stale_caches, sources_digest
+
+
+def _package(tmp_path):
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "__pycache__").mkdir()
+    cached = tmp_path / "__pycache__" / "a.f-1.py311.nbi"
+    cached.write_bytes(b"index")
+    return cached
+
+
+def test_first_import_drops_unrecorded_caches_then_keeps_them(tmp_path):
+    cached = _package(tmp_path)
+    assert drop_stale_caches(tmp_path) is True and not cached.exists()
+    cached.write_bytes(b"index")                      # compiled from the recorded sources
+    assert drop_stale_caches(tmp_path) is False and cached.exists()
+
+
+def test_a_changed_source_drops_every_cache_file(tmp_path):
+    cached = _package(tmp_path)
+    drop_stale_caches(tmp_path)
+    cached.write_bytes(b"index")
+    other = tmp_path / "__pycache__" / "b.g-2.py311.nbc"
+    other.write_bytes(b"code")
+    (tmp_path / "b.py").write_text("y = 2\n")         # another file of the package changes
+    assert drop_stale_caches(tmp_path) is True
+    assert not cached.exists() and not other.exists()
+
+
+def test_digest_depends_on_names_and_bytes(tmp_path):
+    (tmp_path / "a.py").write_text("x = 1\n")
+    d1 = sources_digest(tmp_path)
+    (tmp_path / "a.py").write_text("x = 2\n")
+    d2 = sources_digest(tmp_path)
+    (tmp_path / "a.py").rename(tmp_path / "b.py")
+    assert len({d1, d2, sources_digest(tmp_path)}) == 3
