@@ -16,9 +16,10 @@ from test_kernels import make_problem, problems, random_rowsparse
 from minidress.kernels import program as prog
 from minidress.kernels import (rowsparse_conv2d_reference, rowsparse_matmul_reference,
                                rowsparse_matvec_reference)
+from minidress.kernels import serving
 from minidress.kernels.serving import (_NoAliasCompiler, flatten, flatten_reference, im2col,
-                                       im2col_reference, matvec_t, matvec_t_reference, pool2d,
-                                       to_feature_major, transpose_rowsparse)
+                                       im2col_reference, matmul_t, matmul_t_reference, matvec_t,
+                                       matvec_t_reference, pool2d, to_feature_major, transpose_rowsparse)
 from minidress.nn.layers import avgpool_forward, maxpool_forward
 
 DTYPES = [np.float32, np.float64]
@@ -36,6 +37,51 @@ def test_transposed_matvec_equals_its_reference_and_the_row_kernel_reference(p):
     matvec_t(vt, ct, k, x, y)
     assert np.array_equal(y, matvec_t_reference(vt, ct, k, x))
     assert np.array_equal(y, rowsparse_matvec_reference(values, cols, k, x))
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems, st.integers(2, 70))
+def test_transposed_matmul_equals_its_reference_and_the_row_kernel_reference(p, batch):
+    rows, row_len, _, _, dtype, _ = p
+    values, cols, k, rng = make_problem(p)
+    vt, ct = transpose_rowsparse(values, cols)
+    xt = rng.standard_normal((row_len, batch)).astype(dtype)
+    yt = np.full((rows, batch), np.nan, dtype)
+    matmul_t(vt, ct, k, xt, yt)
+    assert np.array_equal(yt, matmul_t_reference(vt, ct, k, xt))
+    assert np.array_equal(yt, rowsparse_matmul_reference(values, cols, k, xt))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [1, 5])
+def test_the_product_epilogue_equals_bias_batchnorm_and_relu_run_apart(rng, dtype, batch):
+    """A product with its batch norm and ReLU in the epilogue gives, bit for bit, what the
+    product, OP_BATCHNORM and OP_RELU give one after the other, in every batch-norm slot."""
+    values, cols = random_rowsparse(rng, 13, 40, 25, dtype)
+    cols[0, 0] = 39
+    bias = rng.standard_normal(13).astype(dtype)
+    code, layers, params, index = one_product_program(values, cols, bias)
+    layers[0, prog.L_ROW_LEN] = 40
+    slots = 2
+    scale, shift = rng.standard_normal((2, slots * 13)).astype(dtype)
+    scale_off = params.size
+    params = np.concatenate([params, scale, shift])
+    norm = [scale_off, scale_off + scale.size, 13]
+    fused = np.array([[prog.OP_PRODUCT, 0, *norm, 1]], np.int64)
+    apart = np.array([[prog.OP_PRODUCT, 0, 0, 0, 0, 0], [prog.OP_BATCHNORM, *norm, 0, 0],
+                      [prog.OP_RELU, 0, 0, 0, 0, 0]], np.int64)
+    xt = rng.standard_normal((40, batch)).astype(dtype)
+    xt[:, 0] = np.nan if batch > 1 else xt[:, 0]           # NaN stays NaN through the ReLU
+    for slot in range(slots):
+        for k in (0, 9, 25):
+            state = np.array([[k], [-1], [-1], [slot]], np.int64)
+            args = (layers, params, index, np.zeros(0, dtype), state, xt.ravel(), (40, batch, 1, 1))
+            out_fused, _ = prog.run(fused, *args)
+            out_apart, _ = prog.run(apart, *args)
+            assert np.array_equal(out_fused, out_apart, equal_nan=True)
+            ref = np.maximum((rowsparse_matmul_reference(values, cols, k, xt) + bias[:, None])
+                             * scale[slot * 13:(slot + 1) * 13, None] + shift[slot * 13:(slot + 1) * 13, None], 0)
+            assert np.array_equal(out_fused.reshape(13, batch), ref, equal_nan=True)
 
 
 def one_product_program(values, cols, bias, kh=1, stride=1, pad=0):
@@ -56,7 +102,7 @@ def test_program_linear_equals_the_reference_products(rng, dtype, batch, monkeyp
     bias = rng.standard_normal(13).astype(dtype)
     code, layers, params, index = one_product_program(values, cols, bias)
     layers[0, prog.L_ROW_LEN] = 40
-    monkeypatch.setattr(prog, "BLOCK_COLUMNS", 32)   # no effect once compiled; blocks in pure Python
+    monkeypatch.setattr(serving, "BLOCK_COLUMNS", 32)   # no effect once compiled; blocks in pure Python
     xt = rng.standard_normal((40, batch)).astype(dtype)
     for k in (0, 1, 9, 25):
         state = np.array([[k], [-1], [-1], [0]], np.int64)

@@ -84,6 +84,20 @@ class CompiledNet:
     def _op(self, opcode, *operands):
         self._code.extend([opcode, *operands, *[0] * (5 - len(operands))])
 
+    def _fold(self, relu=False, norm=None):
+        """Put a ReLU, or a batch norm ``norm = (scale offset, shift offset, C)``, into the
+        epilogue of the operation just emitted if it is a product whose epilogue can still take it
+        (a batch norm only before a ReLU); returns whether it did (``program`` module docstring)."""
+        op = self._code[-6:]
+        if not op or op[0] != prog.OP_PRODUCT or op[5] or (norm is not None and op[4]):
+            return False
+        if norm is not None:
+            op[2:5] = norm
+        else:
+            op[5] = 1
+        self._code[-6:] = op
+        return True
+
     def _emit(self, layer, name, shape):
         """Emit the operations of ``layer`` (named ``name``) for input ``shape (C, H, W)``;
         returns its output shape."""
@@ -97,13 +111,15 @@ class CompiledNet:
         if isinstance(layer, BatchNorm):
             arrays = [self.store.dense[f"{name}{k}"] for k in ("weight", "bias", "running_mean", "running_var")]
             folded = [fold_batchnorm(*arrays, layer.eps, slot) for slot in range(len(self.store.levels))]
-            self._op(prog.OP_BATCHNORM, self._append("params", [f[0] for f in folded]),
-                     self._append("params", [f[1] for f in folded]), c)
+            norm = (self._append("params", [f[0] for f in folded]), self._append("params", [f[1] for f in folded]), c)
+            if not self._fold(norm=norm):
+                self._op(prog.OP_BATCHNORM, *norm)
             return shape
         if isinstance(layer, PreActBlock):
             return self._emit_preact(layer, name, shape)
         if isinstance(layer, ReLU):
-            self._op(prog.OP_RELU)
+            if not self._fold(relu=True):
+                self._op(prog.OP_RELU)
             return shape
         if isinstance(layer, (MaxPool2d, AvgPool2d)):
             self._op(prog.OP_POOL, layer.k, layer.stride, int(isinstance(layer, AvgPool2d)))

@@ -313,16 +313,19 @@ class DeployedModel:
             xb = np.ascontiguousarray(x[i:i + batch_size])
             n = len(xb)
             if self._compiled is None:     # the baselines: layer by layer, feature-major
-                out.append(self._net(np.ascontiguousarray(xb.transpose(1, 0, 2, 3))).T)
+                out.append(np.ascontiguousarray(self._net(np.ascontiguousarray(xb.transpose(1, 0, 2, 3))).T))
             else:   # one sample, or one channel: batch-major memory is already feature-major
                 out.append(self._run(xb.reshape(-1), (c if n == 1 or c == 1 else -c, n, h, w)))
-        return np.ascontiguousarray(out[0] if len(out) == 1 else np.concatenate(out))
+        return out[0] if len(out) == 1 else np.concatenate(out)
 
     def _run(self, flat, shape):
+        """Logits ``[N, n_classes]`` (C-contiguous) of the compiled program on ``flat``."""
         state = self._plan_now[3]
         if state is None:
             state = self._state()
-        return self._compiled.run(state, flat, shape).T
+        logits = self._compiled.run(state, flat, shape)          # [n_classes, N]
+        # one sample: [n_classes, 1] is already the memory of [1, n_classes]; no copy
+        return logits.reshape(1, -1) if logits.shape[1] == 1 else np.ascontiguousarray(logits.T)
 
     def macs(self) -> int:
         """Multiply-accumulates of one sample at the current density (kept weights only)."""

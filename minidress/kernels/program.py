@@ -31,6 +31,10 @@ state : int64 [4, n_products]
     1 (one sample) and row 2 (a batch) the offset of the dense matrix to use in ``dense``, or -1
     for the row-sparse kernel; ``state[3, 0]`` the batch-norm slot.
 
+A product's bias, and a batch norm and a ReLU that directly follow it, run in the product's
+*epilogue*: one pass over its fresh output, in place, instead of a new array per operation. The
+arithmetic is the same, in the same order (``((sum + bias) * scale + shift)``, then ``max(., 0)``).
+
 Activations are feature-major, ``[C, N, H, W]`` (vectors ``[F, N, 1, 1]``), held as one flat
 array and its shape. Every operation writes a new array, so nothing aliases (the kernels'
 ``noalias`` contract) and a saved activation (a residual branch) stays valid.
@@ -40,12 +44,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .rowsparse import _matmul_rows
 from .quantized import qmatmul, qmatvec_t
-from .serving import flatten, im2col, matvec_t, pool2d, to_feature_major
+from .serving import flatten, im2col, matmul_t, matvec_t, pool2d, to_feature_major
 
 # opcodes and their operands (code[i, 1:])
-OP_PRODUCT = 0      # layer row
+OP_PRODUCT = 0      # layer row; its epilogue: offsets of a batch norm's scale and shift, C (0 = none),
+                    # 1 for a ReLU after it
 OP_BATCHNORM = 1    # offset of scale [slots, C] in params, offset of shift, C
 OP_RELU = 2
 OP_POOL = 3         # k, stride, 1 for average (0 for max)
@@ -58,16 +62,13 @@ N_REGISTERS = 3
 
 # columns of the layers table
 L_ROWS, L_ROW_LEN, L_KH, L_KW, L_STRIDE, L_PAD, L_VT, L_CT, L_KMAX, L_BIAS, L_BITS, L_SCALE = range(12)
-# Columns per block of the batched product: the rows of the input that the kept entries pick
-# stay in cache while every output row reads them (as ``rowsparse.BLOCK_BYTES``).
-BLOCK_COLUMNS = 2048
 
 
 @njit(cache=True)
-def _product(layer, k, dense_off, params, index, qvalues, dense, h, shape):
+def _product(layer, k, dense_off, params, index, qvalues, dense, h, shape, scale, shift, relu):
     """One Linear (``h [in, N]``) or Conv2d (``h [C, N, H, W]``), as its state says: the
-    row-sparse kernel on the first ``k`` entries, or BLAS on a dense matrix. Returns the new
-    activation ``[rows, N, Ho, Wo]`` (flat) and its shape."""
+    row-sparse kernel on the first ``k`` entries, or BLAS on a dense matrix, then its epilogue
+    (``_epilogue``). Returns the new activation ``[rows, N, Ho, Wo]`` (flat) and its shape."""
     rows, row_len, kh, kw, stride, pad = layer[L_ROWS], layer[L_ROW_LEN], layer[L_KH], layer[L_KW], \
         layer[L_STRIDE], layer[L_PAD]
     c, n, hh, ww = shape
@@ -94,25 +95,36 @@ def _product(layer, k, dense_off, params, index, qvalues, dense, h, shape):
                 qmatvec_t(qt, ct, scale, bits, k, cols.reshape(row_len), y)
             else:
                 qmatmul(qt, ct, scale, bits, k, cols, y.reshape(rows, m))
-            return _add_bias(layer, params, y, rows, m), (rows, n, ho, wo)
+            return _epilogue(layer, params, y, rows, m, scale, shift, relu), (rows, n, ho, wo)
         vt = params[layer[L_VT]:layer[L_VT] + kmax * rows].reshape(kmax, rows)
         if m == 1:                                    # one sample: gathers across rows
             matvec_t(vt, ct, k, cols.reshape(row_len), y)
         else:                                         # a batch: SIMD over the batch
-            y2 = y.reshape(rows, m)
-            for b0 in range(0, m, BLOCK_COLUMNS):
-                _matmul_rows(vt.T, ct.T, k, cols, y2, 0, rows, b0, min(m, b0 + BLOCK_COLUMNS))
-    return _add_bias(layer, params, y, rows, m), (rows, n, ho, wo)
+            matmul_t(vt, ct, k, cols, y.reshape(rows, m))
+    return _epilogue(layer, params, y, rows, m, scale, shift, relu), (rows, n, ho, wo)
 
 
 @njit(cache=True)
-def _add_bias(layer, params, y, rows, m):
-    if layer[L_BIAS] >= 0:
-        bias = params[layer[L_BIAS]:layer[L_BIAS] + rows]
-        y2 = y.reshape(rows, m)
-        for r in range(rows):       # element by element: a row-slice ``+=`` costs an array each
-            for b in range(m):
-                y2[r, b] += bias[r]
+def _epilogue(layer, params, y, rows, m, scale, shift, relu):
+    """In place on ``y [rows, m]`` (flat): add the layer's bias, then ``* scale + shift`` per row
+    (a batch norm, if ``scale`` is not empty), then ``max(., 0)`` (if ``relu``). Element by
+    element: a row-slice ``+=`` costs an array each."""
+    has_bias, has_norm = layer[L_BIAS] >= 0, scale.size > 0
+    if not (has_bias or has_norm or relu):
+        return y
+    bias = params[max(layer[L_BIAS], 0):max(layer[L_BIAS], 0) + rows]
+    y2 = y.reshape(rows, m)
+    zero = y.dtype.type(0)
+    for r in range(rows):
+        for b in range(m):
+            v = y2[r, b]
+            if has_bias:
+                v = v + bias[r]
+            if has_norm:
+                v = v * scale[r] + shift[r]
+            if relu and v < zero:       # np.maximum(v, 0) of NaN is NaN: so is this
+                v = zero
+            y2[r, b] = v
     return y
 
 
@@ -139,8 +151,10 @@ def run_quantized(code, layers, params, index, qvalues, dense, state, x, shape):
     slot = state[3, 0]
     for i in range(code.shape[0]):
         op, a, b, c = code[i, 0], code[i, 1], code[i, 2], code[i, 3]
-        if op == OP_PRODUCT:
-            h, shape = _product(layers[a], state[0, a], state[path, a], params, index, qvalues, dense, h, shape)
+        if op == OP_PRODUCT:       # a batch norm in the epilogue: code[i, 2:4] as OP_BATCHNORM's a, b
+            d, e = code[i, 4], code[i, 5]
+            h, shape = _product(layers[a], state[0, a], state[path, a], params, index, qvalues, dense, h, shape,
+                                params[b + slot * d:b + (slot + 1) * d], params[c + slot * d:c + (slot + 1) * d], e == 1)
         elif op == OP_BATCHNORM:
             scale, shift = params[a + slot * c:a + (slot + 1) * c], params[b + slot * c:b + (slot + 1) * c]
             h2 = h.reshape(c, h.size // c)

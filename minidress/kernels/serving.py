@@ -26,6 +26,7 @@ from numba import njit
 from numba.core.compiler import Compiler
 
 from ..im2col import im2col_cnhw
+from .rowsparse import _matmul_rows, rowsparse_matmul_reference
 
 
 class _NoAliasCompiler(Compiler):
@@ -81,6 +82,31 @@ def matvec_t(vt, ct, k, x, y):
         v, c = vt[j], ct[j]
         for r in range(rows):
             y[r] += v[r] * x[c[r]]
+
+
+# ---------------------------------------------------------------------------------------------
+# A batch over the same transposed layout
+# ---------------------------------------------------------------------------------------------
+
+# Columns per block of the batched product: the rows of the input that the kept entries pick
+# stay in cache while every output row reads them (as ``rowsparse.BLOCK_BYTES``).
+BLOCK_COLUMNS = 2048
+
+
+def matmul_t_reference(vt, ct, k, xt):
+    """``yt[r, b] = sum_{j<k} vt[j, r] * xt[ct[j, r], b]``, added in order ``j``:
+    ``rowsparse_matmul_reference(vt.T, ct.T, k, xt)``; ``xt [in, B]`` -> ``yt [rows, B]``."""
+    return rowsparse_matmul_reference(vt.T, ct.T, k, xt)
+
+
+@noalias_njit
+def matmul_t(vt, ct, k, xt, yt):
+    """Kernel of ``matmul_t_reference`` writing ``yt [rows, B]`` (which must not overlap the
+    inputs): ``rowsparse``'s batched loop (SIMD over the batch, eight kept entries per pass),
+    called here so that LLVM may take the no-alias promise into it."""
+    rows, m = yt.shape
+    for b0 in range(0, m, BLOCK_COLUMNS):
+        _matmul_rows(vt.T, ct.T, k, xt, yt, 0, rows, b0, min(m, b0 + BLOCK_COLUMNS))
 
 
 # ---------------------------------------------------------------------------------------------
