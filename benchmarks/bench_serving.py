@@ -52,6 +52,9 @@ def parse_args(argv=None):
     args.batches = [int(b) for b in args.batches.split(",")]
     args.densities = [float(d) for d in args.densities.split(",")]
     args.models = [m.strip() for m in args.models.split(",")]
+    bad = [m for m in args.models if m not in MODELS]
+    if bad:
+        p.error(f"--models: unknown {bad}; choose from {list(MODELS)}")
     return args
 
 
