@@ -127,6 +127,29 @@ def test_dense_path_is_chosen_per_layer_and_density():
     assert deployed.memory_bytes()["parts"]["dense"] == sum(p["rows"] * p["row_len"] * 8 for p in net.products)
 
 
+def test_masked_matrices_are_bounded_and_rebuilt_after_being_dropped():
+    """A controller sweeping through ever new densities on the BLAS path keeps at most
+    MAX_MASKED_COPIES densities' worth of masked matrices, and a density whose matrices were
+    dropped still gives its own logits (bit for bit those of a fresh model)."""
+    from minidress.deploy.compiled import MAX_MASKED_COPIES
+    dress, meta = make_dress("mlp", (1, 8, 8), np.float64, dense_first_last=False)
+    store = Store.from_dress(dress, "rank", meta)
+    deployed = DeployedModel.from_store(store, paths="dense")
+    net = deployed._compiled
+    one_copy = sum(p["rows"] * p["row_len"] * 8 for p in net.products)
+    x = np.random.default_rng(2).standard_normal((3, 1, 8, 8))
+    first = deployed.set_density(0.3).predict(x)
+    densities = np.linspace(0.05, 1.0, 4 * MAX_MASKED_COPIES)
+    for d in densities:
+        deployed.set_density(float(d)).predict(x)
+        assert deployed.memory_bytes()["parts"]["dense"] <= MAX_MASKED_COPIES * one_copy
+    assert net.generation >= 3
+    assert np.array_equal(deployed.set_density(0.3).predict(x), first)
+    for d in densities[::7]:
+        fresh = DeployedModel.from_store(store, paths="dense").set_density(float(d)).predict(x)
+        assert np.array_equal(deployed.set_density(float(d)).predict(x), fresh)
+
+
 def test_level_major_store_serves_only_its_levels():
     dress, meta = make_dress("cnn", (1, 8, 8), np.float64)
     deployed = DeployedModel.from_store(Store.from_dress(dress, "level_major", meta))

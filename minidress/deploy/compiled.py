@@ -34,6 +34,11 @@ PATHS = ("auto", "sparse", "dense")
 # Without the JIT (NUMBA_DISABLE_JIT=1) nothing meaningful can be timed: "auto" then takes BLAS
 # from a quarter of a row, about the crossover the kernel notes measured.
 UNTIMED_CROSSOVER = 0.25
+# The masked dense matrices of the BLAS path are kept for at most this many prefix lengths per
+# product (one matrix each); past it they are all dropped and rebuilt on use. A budget
+# controller uses a few densities, each then switched to by a lookup; one sweeping through
+# hundreds of densities would otherwise hold a dense copy for each.
+MAX_MASKED_COPIES = 8
 
 
 class CompiledNet:
@@ -67,6 +72,8 @@ class CompiledNet:
         self.qvalues = np.concatenate(self._qvalues or [np.zeros(0, np.int8)])
         self.dense = np.concatenate(self._dense or [np.zeros(0, self.dtype)])
         self._matrices = {}                    # (product, k) -> offset of its masked matrix
+        self._kept_dense = (len(self._dense), self._sizes["dense"])    # the layers the store keeps dense
+        self.generation = 0                    # + 1 each time the masked matrices are dropped
         self.crossover = np.array([[p["row_len"] + 1 for p in self.products]] * 2, np.int64)
         if paths == "dense":
             self.crossover[:] = 0
@@ -192,6 +199,9 @@ class CompiledNet:
         the same cost, wrong logits, no matrix per density probed."""
         st = np.zeros((4, len(self.products)), np.int64)
         st[3, 0] = slot
+        held = np.bincount([i for i, _ in self._matrices], minlength=len(self.products))
+        if held.max(initial=0) >= MAX_MASKED_COPIES:   # this state may add one more per product
+            self._drop_matrices()              # before any offset of this state is taken
         for i, p in enumerate(self.products):
             if p["sparse"] is None:
                 st[:3, i] = p["row_len"], p["dense"], p["dense"]
@@ -201,6 +211,16 @@ class CompiledNet:
                 dense = path == force_dense or k >= self.crossover[path - 1, i]
                 st[path, i] = self._matrix(i, p["sparse"].values.shape[1] if probe else k) if dense else -1
         return st
+
+    def _drop_matrices(self):
+        """Forget every masked matrix (they are rebuilt when used again), so that a controller
+        visiting ever new densities does not grow the memory without bound. Offsets taken
+        before are invalid afterwards: ``generation`` tells the caller."""
+        n, size = self._kept_dense
+        del self._dense[n:]
+        self._sizes["dense"], self._matrices = size, {}
+        self.dense = np.concatenate(self._dense or [np.zeros(0, self.dtype)])
+        self.generation += 1
 
     def _matrix(self, i, k):
         """Offset in ``dense`` of product ``i``'s masked dense matrix at prefix ``k``, built once."""

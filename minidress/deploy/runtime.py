@@ -266,9 +266,13 @@ class DeployedModel:
         measuring the paths' crossovers, if not done yet)."""
         if not self._calibrated:
             self.calibrate()
-        plan = self._plan_now
-        plan[3] = self._compiled.state(plan[0], plan[1])
-        return plan[3]
+        plan, generation = self._plan_now, self._compiled.generation
+        state = self._compiled.state(plan[0], plan[1])
+        if self._compiled.generation != generation:      # masked matrices dropped: offsets moved
+            for other in self._plans.values():
+                other[3] = None
+        plan[3] = state
+        return state
 
     def calibrate(self, batch=32) -> dict:
         """Time, per sparsified layer, the row-sparse kernel against BLAS for one sample and
