@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..im2col import conv_output_size
+from ..validate import check_int
 from .layers import (BatchNorm, Conv2d, Flatten, GlobalAvgPool, Linear, MaxPool2d, PreActBlock,
                      ReLU, Sequential)
 
@@ -110,6 +111,57 @@ def preact_resnet(input_shape=(1, 28, 28), n_classes=10, widths=(16, 32, 64), bl
 MODELS = ("mlp", "lenet5", "cnn", "resnet")
 
 
+# Bounds of a model spec read from a file: a checkpoint or store is data, and its metadata must
+# not make ``build_model`` allocate without limit before the weights are even compared.
+MAX_WIDTH, MAX_KERNEL, MAX_LAYERS, MAX_WEIGHTS = 1 << 16, 64, 256, 1 << 27
+LAYER_FIELDS = {"linear": ("in", "out"), "conv2d": ("in_channels", "out_channels", "kernel_size", "stride", "padding"),
+                "batchnorm": ("num_features",), "maxpool2d": ("kernel_size", "stride"), "relu": (), "flatten": ()}
+
+
+def _bounded(value, name, lo, hi):
+    what = f"an integer in [{lo}, {hi}]"
+    if check_int(value, name, lo, what) > hi:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return int(value)
+
+
+def check_spec(spec) -> None:
+    """Refuse a model spec (``build_model``'s argument) whose fields have the wrong type or
+    size, with one line naming the field: widths up to ``MAX_WIDTH``, kernels, strides and
+    paddings up to ``MAX_KERNEL``, at most ``MAX_LAYERS`` layers and ``MAX_WEIGHTS`` weights."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"model spec must be a dict, got {type(spec).__name__}")
+    if "layers" in spec:
+        layers = spec["layers"]
+        if not isinstance(layers, list) or not 1 <= len(layers) <= MAX_LAYERS:
+            raise ValueError(f"model spec 'layers' must be a list of 1 to {MAX_LAYERS} layers")
+        weights = 0
+        for i, layer in enumerate(layers):
+            kind = layer.get("type") if isinstance(layer, dict) else None
+            if kind not in LAYER_FIELDS:
+                raise ValueError(f"model spec layers[{i}] must be a dict with 'type' one of {sorted(LAYER_FIELDS)}")
+            sizes = [_bounded(layer.get(f), f"model spec layers[{i}].{f}", int(f != "padding"),
+                              MAX_KERNEL if f in ("kernel_size", "stride", "padding") else MAX_WIDTH)
+                     for f in LAYER_FIELDS[kind]]
+            if kind in ("linear", "conv2d"):         # in * out, times kernel_size ** 2 for a conv
+                weights += sizes[0] * sizes[1] * (sizes[2] ** 2 if kind == "conv2d" else 1)
+    else:
+        if spec.get("name") not in MODELS:
+            raise ValueError(f"model spec 'name' must be one of {MODELS}, got {spec.get('name')!r}")
+        shape = spec.get("input_shape")
+        if not isinstance(shape, (list, tuple)) or len(shape) != 3:
+            raise ValueError(f"model spec 'input_shape' must be [C, H, W], got {shape!r}")
+        c, h, w = (_bounded(v, f"model spec input_shape[{i}]", 1, MAX_WIDTH) for i, v in enumerate(shape))
+        n = _bounded(spec.get("n_classes"), "model spec 'n_classes'", 1, MAX_WIDTH)
+        hidden = spec.get("hidden", (300, 100))
+        if not isinstance(hidden, (list, tuple)) or len(hidden) > MAX_LAYERS:
+            raise ValueError(f"model spec 'hidden' must be a list of at most {MAX_LAYERS} widths, got {hidden!r}")
+        sizes = [c * h * w, *(_bounded(v, f"model spec hidden[{i}]", 1, MAX_WIDTH) for i, v in enumerate(hidden)), n]
+        weights = sum(a * b for a, b in zip(sizes[:-1], sizes[1:])) if spec["name"] == "mlp" else c * h * w
+    if weights > MAX_WEIGHTS:
+        raise ValueError(f"model spec has {weights:,} weights, more than the {MAX_WEIGHTS:,} allowed")
+
+
 def _layer_from_spec(layer, rng, dtype):
     kind = layer["type"]
     if kind == "linear":
@@ -144,6 +196,7 @@ def build_model(spec, seed=0, dtype=np.float32, rng=None):
     seed, rng : the initial weights come from ``rng`` if given, else ``default_rng(seed)``
     dtype : float32 (default) or float64
     """
+    check_spec(spec)
     rng = _rng(seed, rng)
     if "layers" in spec:
         return Sequential(*(_layer_from_spec(layer, rng, dtype) for layer in spec["layers"]))
