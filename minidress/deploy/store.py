@@ -163,14 +163,17 @@ class Store:
 
         Returns
         -------
-        dict with
-          nested : this store (one nested copy, all levels)
-          separate : K separate row-sparse models (``[rows, n_kept]`` values + column indices
-              per sparsified layer; a level of density 1 stored dense), each with its own copy of
-              the dense parameters and its own level's batch-norm slot
-          separate_csr : K separate CSR models (values, int32 column indices, int32 row pointers)
-          separate_dense : K separate dense models (a masked dense weight each)
-          dense : one dense model (a single level)
+        dict
+            Bytes under these keys:
+
+            * ``nested``: this store (one nested copy, all levels);
+            * ``separate``: K separate row-sparse models (``[rows, n_kept]`` values + column
+              indices per sparsified layer; a level of density 1 stored dense), each with its
+              own copy of the dense parameters and its own level's batch-norm slot;
+            * ``separate_csr``: K separate CSR models (values, int32 column indices, int32 row
+              pointers);
+            * ``separate_dense``: K separate dense models (a masked dense weight each);
+            * ``dense``: one dense model (a single level).
         """
         k = len(self.levels)
         # A per-level array is [slots, F]: a separate model keeps one slot of it.
