@@ -1,25 +1,32 @@
-"""Does training a sparse level through the row-sparse kernels make a joint DRESS step faster?
+"""How much does one joint DRESS step cost against one dense step, and where do the kernels pay?
 
-Times ``Dress.joint_step`` (forward and backward of every level on one batch) of the MNIST MLP
-784-300-100-10, with ``kernel_max_density`` = 0 (every level a dense product with its mask) and
-with the kernels for the levels at or below 0.1, 0.25, 0.5 and 1. Two variants of the model:
-every layer sparsified, and the default (first layer and classifier dense). float32, random
-inputs of MNIST's shape (the time does not depend on the values), the same weights for every
-setting; medians of interleaved rounds (``common.interleaved_medians``).
+Times ``Dress.joint_step`` (forward and backward of every level on one batch) against
+``nn.train.dense_step`` (one dense network, the same batch) on:
 
-    python benchmarks/bench_dress_step.py
-    python benchmarks/bench_dress_step.py --batch 64 --threads 1
+* the MNIST MLP 784-300-100-10 (batch 128), every layer sparsified and with the default dense
+  first layer and classifier, with the sparse levels' Linear layers run three ways: dense
+  products with the mask (``kernel_max_density=0``, what golden pins), the row-sparse kernels
+  where measured faster (``kernel_max_density=1`` with ``rowsparse.ROUTING = "measured"``), and
+  the kernels for every sparsified layer (``ROUTING = "always"``);
+* the digits small CNN (8x8 inputs, batch 128), default options.
+
+Levels 1, 0.5, 0.25, 0.1: the work of a joint step is 1.85 dense steps. float32, random inputs
+(the time does not depend on the values), the same weights for every setting, no fine-grained
+draws (``sample_prob=0``: the same k every step); medians of interleaved rounds
+(``common.interleaved_medians``). The crossovers the measured routing chose are printed.
+
+    python benchmarks/bench_dress_step.py --threads 1
+    python benchmarks/bench_dress_step.py --batch 64 --threads 2
 
 Nothing is asserted.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from common import blas_threads_report, interleaved_medians, set_thread_env
-
-SETTINGS = (0.0, 0.1, 0.25, 0.5, 1.0)
 
 
 def main(argv=None):
@@ -33,24 +40,45 @@ def main(argv=None):
     import numpy as np
     numba.set_num_threads(args.threads)
     from minidress.dress import Dress
-    from minidress.nn.models import mlp
+    from minidress.kernels import rowsparse
+    from minidress.nn.models import mlp, small_cnn
+    from minidress.nn.train import dense_step
     print(blas_threads_report(args.threads, applied))
+    print(f"load average at the start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((args.batch, 1, 28, 28)).astype(np.float32)
-    y = rng.integers(0, 10, args.batch)
-    for dense_first_last in (False, True):
-        label = "first layer and classifier dense" if dense_first_last else "every layer sparsified"
-        steps = {}
-        for kmd in SETTINGS:
-            dress = Dress(mlp([784, 300, 100, 10], seed=0), kernel_max_density=kmd,
-                          dense_first_last=dense_first_last)
-            steps[kmd] = (lambda d=dress: d.joint_step(d.model, x, y))
+
+    def routed(dress, mode):
+        def step():
+            rowsparse.ROUTING = mode
+            return dress.joint_step(dress.model, xb, yb)
+        return step
+
+    cases = [("MLP 784-300-100-10, every layer sparsified", lambda: mlp([784, 300, 100, 10], seed=0),
+              (1, 28, 28), {"dense_first_last": False}),
+             ("MLP 784-300-100-10, first layer and classifier dense", lambda: mlp([784, 300, 100, 10], seed=0),
+              (1, 28, 28), {}),
+             ("digits small CNN", lambda: small_cnn(seed=0), (1, 8, 8), {})]
+    for label, build, shape, opts in cases:
+        xb = rng.standard_normal((args.batch, *shape)).astype(np.float32)
+        yb = rng.integers(0, 10, args.batch)
+        dense_model = build()
+        steps = {"dense step (one network)": lambda m=dense_model: dense_step(m, xb, yb)}
+        for name, kmd, mode in (("joint, dense masked products", 0.0, "never"),
+                                ("joint, kernels where measured faster", 1.0, "measured"),
+                                ("joint, kernels for every sparse level", 1.0, "always")):
+            dress = Dress(build(), kernel_max_density=kmd, sample_prob=0.0, **opts)
+            steps[name] = routed(dress, mode)
         t = interleaved_medians(steps, rounds=args.rounds)
-        print(f"\n### MLP 784-300-100-10, {label}, levels {list(dress.levels)}, batch {args.batch}\n")
-        print("| kernels for levels at or below | joint step (ms) | vs dense masked |\n|---|---|---|")
-        for kmd, s in t.items():
-            print(f"| {'none (dense masked products)' if kmd == 0 else kmd} | {1000 * s:.2f} | "
-                  f"{t[0.0] / s:.2f}x |", flush=True)
+        rowsparse.ROUTING = "measured"
+        base = t["dense step (one network)"]
+        print(f"\n### {label}, levels {list(dress.levels)}, batch {args.batch}\n")
+        print("| step | ms | / dense step |\n|---|---|---|")
+        for name, s in t.items():
+            print(f"| {name} | {1000 * s:.2f} | {s / base:.2f}x |", flush=True)
+    print("\ncrossovers measured (rows, in_features, batch, dtype: the kernels run for k <= this):")
+    for key, k in rowsparse.CROSSOVER.items():
+        print(f"  {key}: {k:.0f} of {key[1]}")
+    print(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -71,11 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-torch", action="store_true", help="time minidress only")
     p.add_argument("--numba-threads", type=int, default=None,
-                   help="threads of the Numba pool (conv and pooling kernels) while training "
-                        "(default: --threads); see minidress.kernels.conv_train.training_threads")
-    p.add_argument("--blas-threads", type=int, default=1,
-                   help="BLAS threads while minidress trains (default 1: the measured policy on 2 "
-                        "cores is Numba on all of them, BLAS on one; threadpoolctl)")
+                   help="threads of the Numba pool (pooling, col2im and row-sparse kernels) while "
+                        "training (default: --threads); see minidress.kernels.conv_train.training_threads")
+    p.add_argument("--blas-threads", type=int, default=None,
+                   help="BLAS threads while minidress trains (Linear layers and the convolutions' "
+                        "GEMMs; default: --threads, as torch gets; threadpoolctl)")
     args = p.parse_args(argv)
     if args.repeats is None:
         args.repeats = QUICK_REPEATS if args.quick else 3
@@ -315,6 +315,8 @@ def main(argv=None) -> int:
     from minidress.kernels.conv_train import training_threads
 
     n_numba = args.threads if args.numba_threads is None else args.numba_threads
+    if args.blas_threads is None:
+        args.blas_threads = args.threads
     MinidressRunner.blas_threads = args.blas_threads
     print(f"minidress while training: BLAS {args.blas_threads} thread(s); "
           f"Numba pool (conv/pooling kernels): {n_numba} of {numba.config.NUMBA_NUM_THREADS} "

@@ -37,7 +37,10 @@ def conv_both(rng, case, dtype, bias=True):
     ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
     dout = rng.standard_normal((n, co, ho, wo)).astype(dtype)
     out = []
-    for fwd, bwd in ((conv_train.conv2d_forward, conv_train.conv2d_backward),   # direct loops
+    direct = lambda *a: conv_train.conv2d_forward(*a, direct=True)             # noqa: E731
+    gemm = lambda *a: conv_train.conv2d_forward(*a, direct=False)              # noqa: E731
+    for fwd, bwd in ((direct, conv_train.conv2d_backward),                     # direct loops
+                     (gemm, conv_train.conv2d_backward),                       # per-image GEMMs
                      (conv2d_forward, conv2d_backward),                         # as dispatched
                      (conv2d_forward_reference, conv2d_backward_reference)):
         y, cache = fwd(x, wt, b, s, p)
@@ -51,23 +54,36 @@ CASES = CONV_CASES + [(3, 6, 14, 14, 16, 5, 1, 0), (2, 16, 9, 9, 8, 3, 2, 1), (2
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_conv_matches_reference(rng, case, dtype):
-    direct, dispatched, ref = conv_both(rng, case, dtype)
-    for a, d, b in zip(direct, dispatched, ref):
+    direct, gemm, dispatched, ref = conv_both(rng, case, dtype)
+    for a, g, d, b in zip(direct, gemm, dispatched, ref):
         assert_close(a, b, dtype)
+        assert_close(g, b, dtype)
         assert_close(d, b, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_conv_without_bias_and_noncontiguous_input(rng, dtype):
     case = (2, 3, 6, 5, 4, 3, 1, 1)
-    direct, _, ref = conv_both(rng, case, dtype, bias=False)
-    for a, b in zip(direct, ref):
+    direct, gemm, _, ref = conv_both(rng, case, dtype, bias=False)
+    for a, g, b in zip(direct, gemm, ref):
         assert_close(a, b, dtype)
+        assert_close(g, b, dtype)
     x = rng.standard_normal((5, 6, 3, 2)).astype(dtype).transpose(0, 3, 1, 2)[:, :, ::2]
     wt = rng.standard_normal((3, 2, 2, 2)).astype(dtype)
     b = rng.standard_normal(3).astype(dtype)
-    assert_close(conv_train.conv2d_forward(x, wt, b, 1, 1)[0],
-                 conv2d_forward_reference(x, wt, b, 1, 1)[0], dtype)
+    for direct in (True, False):
+        assert_close(conv_train.conv2d_forward(x, wt, b, 1, 1, direct=direct)[0],
+                     conv2d_forward_reference(x, wt, b, 1, 1)[0], dtype)
+
+
+def test_gemm_conv_in_several_chunks(rng, monkeypatch):
+    """A batch split into chunks of images gives the one-chunk result."""
+    case = (5, 3, 7, 6, 4, 3, 2, 1)
+    whole = conv_both(np.random.default_rng(3), case, np.float64)[1]
+    monkeypatch.setattr(conv_train, "CHUNK_BYTES", 1)          # one image per chunk
+    split = conv_both(np.random.default_rng(3), case, np.float64)[1]
+    for a, b in zip(whole, split):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

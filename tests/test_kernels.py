@@ -173,3 +173,29 @@ def test_gradient_kernels_parallel_path(rng, monkeypatch):
     assert all(np.array_equal(a, b) for a, b in zip(big, small))
     with pytest.raises(ValueError, match="dyt must be"):
         rowsparse_matmul_grads(values, cols, 50, xt, dyt[:, :-1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems)
+def test_input_gradient_kernel_equals_reference_and_the_full_gradients(p):
+    """The input gradient alone (what training runs) is the first result of the gradient
+    kernels, bit for bit, in both the serial and the parallel path."""
+    rows, row_len, _, batch, dtype, _ = p
+    values, cols, k, rng = make_problem(p)
+    xt = rng.standard_normal((row_len, batch)).astype(dtype)
+    dyt = rng.standard_normal((rows, batch)).astype(dtype)
+    dxt = rs.rowsparse_matmul_input_grad(values, cols, k, dyt, row_len)
+    assert np.array_equal(dxt, rs.rowsparse_matmul_input_grad_reference(values, cols, k, dyt, row_len))
+    assert np.array_equal(dxt, rowsparse_matmul_grads(values, cols, k, xt, dyt)[0])
+
+
+def test_input_gradient_kernel_parallel_path_and_checks(rng, monkeypatch):
+    values, cols = random_rowsparse(rng, 40, 300, 64, np.float64)
+    dyt = rng.standard_normal((40, 37))
+    big = rs.rowsparse_matmul_input_grad(values, cols, 50, dyt, 300)
+    monkeypatch.setattr(rs, "PARALLEL_MIN_WORK", 1 << 62)
+    assert np.array_equal(big, rs.rowsparse_matmul_input_grad(values, cols, 50, dyt, 300))
+    with pytest.raises(ValueError, match="dyt must be"):
+        rs.rowsparse_matmul_input_grad(values, cols, 50, dyt[:-1], 300)
+    with pytest.raises(ValueError, match="column index"):
+        rs.rowsparse_matmul_input_grad(values, cols, 50, dyt, 10)

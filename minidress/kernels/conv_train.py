@@ -1,11 +1,20 @@
-"""Training convolutions and pooling without im2col: direct Numba loops over NCHW.
+"""Training convolutions and pooling: per-image GEMMs over strided views, and direct Numba loops.
 
 The reference ``conv2d_forward_reference`` (``minidress.nn.layers``) unfolds every receptive
-field into ``cols [N*Ho*Wo, C_in*kh*kw]`` (a ``kh*kw``-fold copy of the input), runs one GEMM and
+field of the whole batch into ``cols [N*Ho*Wo, C_in*kh*kw]`` (a ``kh*kw``-fold copy of the
+input, 115 MB for the small CNN's 32-channel 28x28 layer at batch 128), runs one GEMM and
 transposes the result; its backward pass runs two more GEMMs and scatters ``dcols`` back with
-``col2im``. On the small images and channel counts of this project (LeNet-5, the small CNN, the
-16-32-64 ResNet) those copies cost more than the arithmetic, and the GEMMs are too skinny for
-BLAS to run at speed. The kernels below compute the same sums directly on the (zero-padded) input:
+``col2im``. Those copies cost more than the arithmetic on this project's small images.
+
+**Per-image GEMMs** (``conv2d_forward``'s default, ``direct_wins``): each image's im2col matrix
+``cols_n [C_in*kh*kw, Ho*Wo]`` is copied from a strided view of the padded input, a chunk of
+images at a time small enough to stay in cache (``CHUNK_BYTES``), and ``W @ cols_n`` writes the
+output in NCHW directly. Backward: ``dw += dout_n @ cols_n.T``, ``dcols_n = W.T @ dout_n``, and
+``_col2im_add`` (a Numba loop) adds ``dcols`` back into the padded input gradient. Measured on
+the ``bench_train.py`` layers (float32, one thread, a loaded 2-core machine; forward and
+backward): 0.2-0.7x the reference's time, and 0.1-0.8x the direct loops'.
+
+**Direct loops** (``direct=True``) compute the same sums directly on the zero-padded input:
 
 * forward:          ``out[n, o, y, x]  += w[o, c, i, j] * xp[n, c, s*y + i, s*x + j]``
 * input gradient:   ``dxp[n, c, s*y + i, s*x + j] += w[o, c, i, j] * dout[n, o, y, x]``
@@ -24,9 +33,9 @@ Results equal the reference up to the order of the additions (tests: ``tests/tes
 relative to the largest magnitude, 1e-12 in float64 and 1e-5 in float32). The pooling kernels
 follow the reference's order exactly and agree with it bit for bit.
 
-Thread policy for training (``training_threads``): on this project's 2-core machines the Numba
-kernels run on the Numba pool and the Linear layers on BLAS, one after the other, never at the
-same time; see the README section "Training speed against PyTorch" for the measurement.
+Thread policy for training (``training_threads``): the GEMMs and the Linear layers run on BLAS,
+the pooling, ``_col2im_add`` and the row-sparse kernels on the Numba pool, one after the other,
+never at the same time; ``benchmarks/README.md`` (bench_train) has the measurement.
 """
 from __future__ import annotations
 
@@ -126,42 +135,127 @@ def _conv_backward_weight(dout, xp, s, kh, kw, dw):
                     dw[o, c, i, j] = total
 
 
+@njit(cache=True)
+def _col2im_add(dcols, s, dxp):
+    # dxp[n, c, s*y + i, s*x + j] += dcols[n, c, i, j, y, x]: offsets (i, j) outermost, as the
+    # reference's scatter adds; element loops over whole rows (no short slice assignments).
+    n_img, ch, kh, kw, ho, wo = dcols.shape
+    for n in range(n_img):
+        for c in range(ch):
+            dst = dxp[n, c]
+            for i in range(kh):
+                for j in range(kw):
+                    for y in range(ho):
+                        src, drow = dcols[n, c, i, j, y], dst[s * y + i]
+                        if s == 1:
+                            for x in range(wo):
+                                drow[j + x] += src[x]
+                        else:
+                            for x in range(wo):
+                                drow[s * x + j] += src[x]
+
+
+# Images per BLAS chunk: about this many bytes of im2col columns, so that one chunk's columns
+# stay in the L2 cache between the copy that makes them and the GEMM that reads them.
+CHUNK_BYTES = 1 << 21
+
+
+def _windows(xp, kh, kw, s, ho, wo):
+    """Read-only strided view ``[N, C, kh, kw, Ho, Wo]`` of the padded input (no copy):
+    element ``[n, c, i, j, y, x]`` is ``xp[n, c, s*y + i, s*x + j]``."""
+    sn, sc, sh, sw = xp.strides
+    return np.lib.stride_tricks.as_strided(xp, xp.shape[:2] + (kh, kw, ho, wo),
+                                           (sn, sc, sh, sw, s * sh, s * sw), writeable=False)
+
+
+def _chunks(xp, kh, kw, s, ho, wo):
+    """``(n0, cols)`` per chunk of images: ``cols [n, C*kh*kw, Ho*Wo]``, each image's im2col
+    matrix in NCHW order (rows ``(c, i, j)``, columns ``(y, x)``), copied from the view."""
+    n, c = xp.shape[:2]
+    step = max(1, CHUNK_BYTES // (c * kh * kw * ho * wo * xp.itemsize))
+    win = _windows(xp, kh, kw, s, ho, wo)
+    for n0 in range(0, n, step):
+        yield n0, win[n0:n0 + step].reshape(-1, c * kh * kw, ho * wo)
+
+
+def _gemm_conv(xp, w, s, ho, wo):
+    """``out [N, C_out, Ho, Wo]`` of the padded input ``xp`` and ``w``, without bias: one GEMM
+    per image, ``W [C_out, C*kh*kw] @ cols_n``, written straight into NCHW."""
+    c_out, _, kh, kw = w.shape
+    out = np.empty((len(xp), c_out, ho * wo), xp.dtype)
+    wm = w.reshape(c_out, -1)
+    for n0, cols in _chunks(xp, kh, kw, s, ho, wo):
+        for i in range(len(cols)):      # one 2-D GEMM per image: NumPy's stacked matmul
+            np.matmul(wm, cols[i], out=out[n0 + i])     # took 1.4x as long
+    return out.reshape(len(xp), c_out, ho, wo)
+
+
 def direct_wins(x_shape, w_shape, stride, padding):
-    """Whether the direct loops beat im2col + BLAS for this layer (measured on 2 cores,
-    float32, ``benchmarks/bench_train.py`` shapes): they do at stride 1 for a small fan-in
-    (LeNet-5, the first conv of every model, the 16-channel ResNet stage) or wide rows
-    (28-pixel rows of the small CNN); BLAS wins on strided and on 7x7/14x14 layers with 32+
-    input channels, where the direct loops' rows are short and the GEMM is square enough."""
-    c_in, kh, kw = w_shape[1:]
-    wo = conv_output_size(x_shape[3], kw, stride, padding)
-    return stride == 1 and (c_in * kh * kw <= 160 or wo >= 24)
+    """Whether the direct loops should run instead of the per-image GEMMs. Never since the GEMMs
+    came (float32, one thread, ``benchmarks/bench_train.py`` shapes, loaded 2-core machine: the
+    GEMMs took 0.3-0.8x the direct loops' time on every LeNet-5, small-CNN and ResNet layer,
+    and 0.2-0.9x the full-batch im2col reference's); kept so the choice stays one place."""
+    return False
 
 
 def _pad(x, p):
     return np.pad(x, ((0, 0), (0, 0), (p, p), (p, p))) if p else np.ascontiguousarray(x)
 
 
-def conv2d_forward(x, w, b, stride=1, padding=0):
+def conv2d_forward(x, w, b, stride=1, padding=0, direct=None):
     """Same arguments and output as ``minidress.nn.layers.conv2d_forward_reference``; the cache
-    holds the padded input instead of the im2col matrix."""
+    holds the padded input instead of the im2col matrix. ``direct``: run the direct loops (True)
+    or the GEMMs (False); None lets ``direct_wins`` choose.
+
+    Per-image GEMMs (``direct_wins`` False): ``out[n] = W [C_out, C*kh*kw] @ cols_n``, where
+    ``cols_n`` is image ``n``'s im2col matrix taken from a strided view of the padded input, a
+    chunk of images at a time (``CHUNK_BYTES``): each GEMM writes NCHW directly, with no
+    transpose, and no batch-sized im2col matrix is ever made. Otherwise the direct loops."""
     n, _, h, wd = x.shape
     c_out, _, kh, kw = w.shape
     ho, wo = conv_output_size(h, kh, stride, padding), conv_output_size(wd, kw, stride, padding)
     xp, wc = _pad(x, padding), np.ascontiguousarray(w)
     bc = np.ascontiguousarray(np.broadcast_to(b, (c_out,)), dtype=x.dtype)
-    out = np.empty((n, c_out, ho, wo), x.dtype)
-    _conv_forward(xp, wc, bc, stride, ho, wo, out)
-    return out, (x.shape, xp, wc, stride, padding)
+    direct = direct_wins(x.shape, w.shape, stride, padding) if direct is None else direct
+    if direct:
+        out = np.empty((n, c_out, ho, wo), x.dtype)
+        _conv_forward(xp, wc, bc, stride, ho, wo, out)
+    else:
+        out = _gemm_conv(xp, wc, stride, ho, wo)
+        out += bc[:, None, None]
+    return out, (x.shape, xp, wc, stride, padding, direct)
 
 
 def conv2d_backward(dout, cache):
-    """``dout [N, C_out, Ho, Wo]`` -> ``dx, dw, db``, as ``conv2d_backward_reference``."""
-    x_shape, xp, w, stride, p = cache
+    """``dout [N, C_out, Ho, Wo]`` -> ``dx, dw, db``, as ``conv2d_backward_reference``. GEMM path:
+    ``dw = sum_n dout_n @ cols_n.T`` and ``dcols_n = W.T @ dout_n`` per image (the columns
+    copied again from the view: cheaper than keeping a batch of them), ``dcols`` added back into
+    the padded input by ``_col2im_add``. (Computing the input gradient at stride 1 as a
+    convolution of the padded ``dout`` with the flipped kernel instead, GEMMs and no scatter,
+    was as fast or slower on every benchmark layer: 2.5x slower on LeNet-5's first conv.)"""
+    x_shape, xp, w, stride, p, direct = cache
     dout = np.ascontiguousarray(dout)
-    dxp = np.empty(xp.shape, dout.dtype)
-    _conv_backward_input(dout, w, stride, dxp)
-    dw = np.empty(w.shape, dout.dtype)
-    _conv_backward_weight(dout, xp, stride, w.shape[2], w.shape[3], dw)
+    c_out, c_in, kh, kw = w.shape
+    if direct:
+        dxp = np.empty(xp.shape, dout.dtype)
+        _conv_backward_input(dout, w, stride, dxp)
+        dw = np.empty(w.shape, dout.dtype)
+        _conv_backward_weight(dout, xp, stride, kh, kw, dw)
+    else:
+        ho, wo = dout.shape[2:]
+        d3 = dout.reshape(len(dout), c_out, ho * wo)
+        wm = w.reshape(c_out, -1)
+        dw, part = np.zeros(wm.shape, dout.dtype), np.empty(wm.shape, dout.dtype)
+        dxp = np.zeros(xp.shape, dout.dtype)
+        wmt = np.ascontiguousarray(wm.T)
+        for n0, cols in _chunks(xp, kh, kw, stride, ho, wo):
+            dc, dcols = d3[n0:n0 + len(cols)], np.empty(cols.shape, dout.dtype)
+            for i in range(len(cols)):      # NumPy's stacked matmul does not call BLAS with a
+                np.matmul(dc[i], cols[i].T, out=part)   # transposed operand (9x slower)
+                dw += part
+                np.matmul(wmt, dc[i], out=dcols[i])
+            _col2im_add(dcols.reshape(len(cols), c_in, kh, kw, ho, wo), stride, dxp[n0:n0 + len(cols)])
+        dw = dw.reshape(w.shape)
     dx = dxp[:, :, p:p + x_shape[2], p:p + x_shape[3]] if p else dxp
     return dx, dw, dout.sum(axis=(0, 2, 3))
 

@@ -90,11 +90,11 @@ def _product(layer, k, dense_off, params, index, qvalues, dense, h, shape, scale
         if bits:                                      # quantized entries, dequantized in the kernel
             nq = (kmax if bits == 8 else (kmax + 1) // 2) * rows
             qt = qvalues[layer[L_VT]:layer[L_VT] + nq].reshape(nq // rows, rows)
-            scale = params[layer[L_SCALE]:layer[L_SCALE] + rows]
+            qscale = params[layer[L_SCALE]:layer[L_SCALE] + rows]     # not the epilogue's scale
             if m == 1:
-                qmatvec_t(qt, ct, scale, bits, k, cols.reshape(row_len), y)
+                qmatvec_t(qt, ct, qscale, bits, k, cols.reshape(row_len), y)
             else:
-                qmatmul(qt, ct, scale, bits, k, cols, y.reshape(rows, m))
+                qmatmul(qt, ct, qscale, bits, k, cols, y.reshape(rows, m))
             return _epilogue(layer, params, y, rows, m, scale, shift, relu), (rows, n, ho, wo)
         vt = params[layer[L_VT]:layer[L_VT] + kmax * rows].reshape(kmax, rows)
         if m == 1:                                    # one sample: gathers across rows

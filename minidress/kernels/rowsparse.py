@@ -29,13 +29,37 @@ xt     : [in_features, batch]     (``rowsparse_matmul``), C-contiguous
 The public functions check their arguments (shapes, dtypes, index range) and then call the
 compiled loops; ``minidress.deploy.runtime`` validates a store once, at load, and then calls them with
 ``check=False``.
+
+Training (``minidress.nn.layers.Linear`` with ``kept``) runs the forward product and the input
+gradient here wherever ``rowsparse_wins`` measured them faster than dense masked BLAS products,
+per layer shape, batch and dtype, once per process (``CROSSOVER``); ``ROUTING`` forces a path.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from numba import get_num_threads, njit, prange
+from numba.core import config as numba_config
+from numba.core.compiler import Compiler
 
-from .serving import noalias_njit
+
+class _NoAliasCompiler(Compiler):
+    """Numba's standard compiler with the ``noalias`` flag on: every array argument is marked
+    ``noalias`` for LLVM, which then vectorizes loops that store into one argument while
+    reading others, without run-time overlap checks (``minidress.kernels.serving`` explains
+    the measurement). Defined here, not in ``serving``, because ``serving`` imports this module."""
+
+    def __init__(self, typingctx, targetctx, library, args, return_type, flags, locals):
+        flags = flags.copy()
+        flags.noalias = True
+        super().__init__(typingctx, targetctx, library, args, return_type, flags, locals)
+
+
+def noalias_njit(fn):
+    """``njit(cache=True)`` promising LLVM that no two array arguments of ``fn`` overlap: the
+    caller must never pass an output that overlaps an input."""
+    return njit(cache=True, pipeline_class=_NoAliasCompiler)(fn)
 
 # Below this many multiply-adds a product runs on one thread: waking the thread pool costs a
 # few microseconds, more than the work it would share (on 2 cores: 300x784 at density 0.05,
@@ -317,6 +341,47 @@ def rowsparse_matmul_grads(values, cols, k, xt, dyt, check=True):
     return dxt, dvalues
 
 
+def rowsparse_matmul_input_grad_reference(values, cols, k, dyt, in_features):
+    """The input gradient alone of ``yt = rowsparse_matmul(values, cols, k, xt)``: ``dxt
+    [in_features, B]``, the first result of ``rowsparse_matmul_grads_reference`` (same order).
+
+    Training uses it with the values' gradient taken from one dense BLAS product instead
+    (``minidress.nn.layers.rowsparse_linear_backward``): on this project's layers that product
+    was measured faster than the row-sparse values' gradient at every density (784x300, batch
+    128, float32, one thread: 0.6 ms dense against 1.1 ms at density 0.1 and 20-40 ms at 0.5,
+    whose strict order of additions Numba does not vectorize).
+    """
+    dxt = np.zeros((in_features, dyt.shape[1]), values.dtype)
+    for r in range(values.shape[0]):
+        dxt[cols[r, :k]] += values[r, :k, None] * dyt[r]
+    return dxt
+
+
+@njit(cache=True, parallel=True)
+def _input_grad_parallel(values, cols, k, dyt, dxt, n_chunks):
+    n = dyt.shape[1]
+    for c in prange(n_chunks):
+        _input_grad_columns(values, cols, k, dyt, dxt, c * n // n_chunks, (c + 1) * n // n_chunks)
+
+
+def rowsparse_matmul_input_grad(values, cols, k, dyt, in_features, check=True):
+    """Numba kernel of ``rowsparse_matmul_input_grad_reference``; same result bit for bit.
+    ``dyt [rows, B]`` C-contiguous, of ``values``' dtype; returns ``dxt [in_features, B]``."""
+    if check:
+        check_rowsparse(values, cols, k, np.empty((in_features, 1), values.dtype), 2)
+        if dyt.ndim != 2 or dyt.shape[0] != values.shape[0] or dyt.dtype != values.dtype \
+                or not dyt.flags.c_contiguous:
+            raise ValueError(f"dyt must be a C-contiguous {values.dtype} array [{values.shape[0]}, "
+                             f"batch], got {dyt.dtype} {dyt.shape}")
+    rows, n = values.shape[0], dyt.shape[1]
+    dxt = np.empty((in_features, n), values.dtype)
+    if rows * k * n >= PARALLEL_MIN_WORK and n > 1:
+        _input_grad_parallel(values, cols, k, dyt, dxt, min(n, 4 * get_num_threads()))
+    else:
+        _input_grad_columns(values, cols, k, dyt, dxt, 0, n)
+    return dxt
+
+
 def check_rowsparse(values, cols, k, x, ndim):
     """Raise a clear error unless the arguments fit a row-sparse product."""
     if not isinstance(values, np.ndarray) or values.ndim != 2 or values.dtype not in (np.float32, np.float64):
@@ -338,3 +403,90 @@ def check_rowsparse(values, cols, k, x, ndim):
     # an index past the input must be caught here. A DeployedModel checks once, at load.
     if k and values.shape[0] and int(cols[:, :k].max()) >= x.shape[0]:
         raise ValueError(f"cols holds a column index {int(cols[:, :k].max())} >= in_features = {x.shape[0]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: which product a sparse level's Linear layer runs, decided by measurement
+# ---------------------------------------------------------------------------------------------
+
+# "measured" (default): kernels where measured faster; "always" / "never" force one path (tests,
+# benchmarks). Either path gives the same numbers up to the order of the additions.
+ROUTING = "measured"
+# (rows, in_features, batch, dtype) -> the largest k for which the kernels won; measured once.
+CROSSOVER: dict = {}
+
+
+def kept_columns(ranks, k):
+    """Row ``r``'s ``k`` kept columns in rank order, ``[rows, k]`` of ``index_dtype``: the same as
+    ``np.argsort(ranks, axis=1, kind="stable")[:, :k]``, but linear in the row length, as every
+    row of ``ranks`` is a permutation (``masks.row_ranks``) whose inverse is a scatter."""
+    rows, n = ranks.shape
+    order = np.empty((rows, n), index_dtype(n))
+    np.put_along_axis(order, ranks.astype(np.intp), np.arange(n, dtype=order.dtype)[None, :], axis=1)
+    return np.ascontiguousarray(order[:, :k])
+
+
+def rowsparse_wins(k, rows, in_features, batch, dtype) -> bool:
+    """Whether a training step of a ``[rows, in_features]`` Linear layer that keeps ``k``
+    weights per row is faster through the kernels (``rowsparse_matmul`` forward,
+    ``rowsparse_matmul_input_grad`` backward) than as dense products with the mask (BLAS).
+
+    The kernels' time grows with ``k``, the dense product's does not: the first call for a
+    shape, batch and dtype times both (``measure_crossover``) and keeps the crossover ``k``, so
+    any density, drawn ones included, is decided by one comparison afterwards. With the JIT
+    disabled (``NUMBA_DISABLE_JIT=1``) the kernels are interpreted Python, never faster: False.
+    """
+    if ROUTING != "measured":
+        return ROUTING == "always"
+    if numba_config.DISABLE_JIT:
+        return False
+    key = (rows, in_features, batch, np.dtype(dtype).str)
+    if key not in CROSSOVER:
+        CROSSOVER[key] = measure_crossover(rows, in_features, batch, dtype)
+    return k <= CROSSOVER[key]
+
+
+def measure_crossover(rows, in_features, batch, dtype, repeats=5) -> float:
+    """The largest ``k`` at which the kernels' training step (as ``nn.layers``'
+    ``rowsparse_linear_forward`` and ``_backward`` run it: the forward product and the input
+    gradient by the kernels, the kept values' gradient gathered from one dense product) is
+    measured no slower than the dense masked step: both timed (best of ``repeats``, interleaved) on random data, the kernels at two ``k``;
+    the kernels' time is taken as linear in ``k`` between and beyond them."""
+    rng = np.random.default_rng(0)
+    dt = np.dtype(dtype)
+    w = rng.standard_normal((rows, in_features)).astype(dt)
+    x = rng.standard_normal((batch, in_features)).astype(dt)
+    dout = rng.standard_normal((batch, rows)).astype(dt)
+    mask = np.ones_like(w)
+    ks = (max(1, in_features // 10), max(2, in_features // 2))
+    kept = {k: np.ascontiguousarray(
+        np.argsort(rng.random((rows, in_features)), axis=1)[:, :k].astype(index_dtype(in_features)))
+        for k in ks}
+
+    def dense():           # what nn.Linear runs with a mask
+        wm = w * mask
+        _ = x @ wm.T
+        _ = (dout @ wm, (dout.T @ x) * mask)
+
+    def kernels(k):        # what nn.rowsparse_linear_forward/backward run
+        c = kept[k]
+        values = np.take_along_axis(w, c.astype(np.intp), axis=1)
+        xt = np.ascontiguousarray(x.T)
+        rowsparse_matmul(values, c, k, xt, check=False)
+        dxt = rowsparse_matmul_input_grad(values, c, k, np.ascontiguousarray(dout.T), in_features, check=False)
+        idx, dw = c.astype(np.intp), np.zeros_like(w)
+        np.put_along_axis(dw, idx, np.take_along_axis(dout.T @ xt.T, idx, axis=1), axis=1)
+        _ = dxt.T
+
+    fns = [dense] + [lambda k=k: kernels(k) for k in ks]
+    best = [np.inf] * len(fns)
+    for f in fns:
+        f()                # compiles the kernels (or loads them from the cache)
+    for _ in range(repeats):
+        for i, f in enumerate(fns):
+            t0 = time.perf_counter()
+            f()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    t_dense, t1, t2 = best
+    slope = max(t2 - t1, 1e-12) / (ks[1] - ks[0])
+    return max(0.0, ks[0] + (t_dense - t1) / slope)

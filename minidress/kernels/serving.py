@@ -13,7 +13,7 @@ Two things make these faster than ``rowsparse.py``'s public functions on one sam
   ``x``, ``vt`` or ``ct`` (else a store into ``y`` might change an input mid-vector). Numba has
   no decorator option for this, but its documented ``pipeline_class`` argument lets us compile
   with the compiler flag ``noalias`` set, which marks every array argument ``noalias`` for LLVM.
-  ``noalias_njit`` is the one place that does it. The price is a contract: **no output may
+  ``rowsparse.noalias_njit`` is the one place that does it. The price is a contract: **no output may
   overlap an input** of these kernels (every caller here passes a freshly allocated output).
 
 Exactness: fastmath stays off, so no multiply-add is fused and no addition reordered; each
@@ -23,24 +23,10 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit
-from numba.core.compiler import Compiler
 
 from ..im2col import im2col_cnhw
-from .rowsparse import _matmul_rows, rowsparse_matmul_reference
-
-
-class _NoAliasCompiler(Compiler):
-    """Numba's standard compiler with the ``noalias`` flag on (see the module docstring)."""
-
-    def __init__(self, typingctx, targetctx, library, args, return_type, flags, locals):
-        flags = flags.copy()
-        flags.noalias = True
-        super().__init__(typingctx, targetctx, library, args, return_type, flags, locals)
-
-
-def noalias_njit(fn):
-    """``njit(cache=True)`` promising LLVM that no two array arguments of ``fn`` overlap."""
-    return njit(cache=True, pipeline_class=_NoAliasCompiler)(fn)
+# noalias_njit lives in rowsparse (which serving imports, not the other way round)
+from .rowsparse import _matmul_rows, _NoAliasCompiler, noalias_njit, rowsparse_matmul_reference  # noqa: F401
 
 
 def transpose_rowsparse(values, cols, index=np.uint16):

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..im2col import col2im, conv_output_size, im2col, receptive_fields
 from ..kernels import conv_train, rowsparse_matmul, rowsparse_matmul_grads
+from ..kernels.rowsparse import rowsparse_matmul_input_grad, rowsparse_wins
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,13 +196,16 @@ def rowsparse_linear_forward(x, w, kept, b):
 
 
 def rowsparse_linear_backward(dout, cache):
-    """Gradients of ``rowsparse_linear_forward``: ``dx [N, in], dw [out, in]`` (zero outside the
-    kept entries, whose gradients alone are computed), ``db [out]``."""
+    """Gradients of ``rowsparse_linear_forward``: ``dx [N, in]`` by the row-sparse kernel,
+    ``dw [out, in]`` (zero outside the kept entries) and ``db [out]``. The kept entries of ``dw``
+    come from the dense product ``dout.T @ x``, the numbers the dense masked backward pass keeps:
+    one BLAS call was measured faster than the row-sparse values' gradient
+    (``rowsparse_matmul_grads``) at every density (``rowsparse_matmul_input_grad_reference``)."""
     xt, values, kept, shape = cache
-    dxt, dvalues = rowsparse_matmul_grads(values, kept, kept.shape[1], xt,
-                                          np.ascontiguousarray(dout.T), check=False)
-    dw = np.zeros(shape, values.dtype)
-    np.put_along_axis(dw, kept.astype(np.intp), dvalues, axis=1)
+    dxt = rowsparse_matmul_input_grad(values, kept, kept.shape[1], np.ascontiguousarray(dout.T),
+                                      shape[1], check=False)
+    idx, dw = kept.astype(np.intp), np.zeros(shape, values.dtype)
+    np.put_along_axis(dw, idx, np.take_along_axis(dout.T @ xt.T, idx, axis=1), axis=1)
     return dxt.T, dw, dout.sum(axis=0)
 
 
@@ -217,7 +221,9 @@ class Linear(Layer):
 
     ``kept``: optional ``[out, k]`` unsigned column indices, the same entries as ``mask``. When
     set, forward and backward run on the kept weights alone through the row-sparse kernels
-    (``rowsparse_linear_forward``) instead of a dense product with the mask.
+    (``rowsparse_linear_forward``) instead of a dense product with the mask, wherever that is
+    measured faster (``minidress.kernels.rowsparse.rowsparse_wins``; the same numbers up to the
+    order of the additions).
     """
 
     def __init__(self, in_features: int, out_features: int, rng=None, dtype=np.float32, bias=True):
@@ -234,9 +240,12 @@ class Linear(Layer):
         w = self.params["weight"]
         _check_input(x, "Linear", 2, self.in_features, w.dtype)
         b = self.params.get("bias", np.zeros((), w.dtype))
+        # The kernels run where measured faster for this shape and batch (``rowsparse_wins``).
         # The path taken is recorded in the cache (as CS231n's fast layers do), so backward
         # follows forward even if ``kept`` changes in between.
-        if self.kept is not None:
+        # Without a mask, ``kept`` alone says what is kept: only the kernels can honour it.
+        if self.kept is not None and (self.mask is None or rowsparse_wins(self.kept.shape[1], *w.shape,
+                                                                          len(x), w.dtype)):
             out, cache = rowsparse_linear_forward(x, w, self.kept, b)
             self.cache = ("rowsparse", cache)
         else:
@@ -264,12 +273,12 @@ class Linear(Layer):
 # ---------------------------------------------------------------------------------------------
 
 def conv2d_forward(x, w, b, stride=1, padding=0):
-    """2-D convolution (cross-correlation, as in every DL library): direct Numba loops over NCHW
-    (``minidress.kernels.conv_train``) or im2col + BLAS. Same arguments and output as
-    ``conv2d_forward_reference``, up to the order of the additions; its cache is for
-    ``conv2d_backward`` only. Layers where im2col + BLAS is faster (``direct_wins``) run the
-    reference, and so does float64: the golden files and the float64 checks stay bit for bit."""
-    if x.dtype == np.float32 and conv_train.direct_wins(x.shape, w.shape, stride, padding):
+    """2-D convolution (cross-correlation, as in every DL library): in float32, per-image GEMMs
+    over a strided view of the input (``minidress.kernels.conv_train``); in float64, the im2col
+    reference, so that the golden files and the float64 checks stay bit for bit. Same arguments
+    and output as ``conv2d_forward_reference``, up to the order of the additions; its cache is
+    for ``conv2d_backward`` only."""
+    if x.dtype == np.float32:
         return conv_train.conv2d_forward(x, w, b, stride, padding)
     return conv2d_forward_reference(x, w, b, stride, padding)
 
