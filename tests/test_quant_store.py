@@ -7,13 +7,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minidress.checkpoint import ArchiveError
-from minidress.deploy.quantized import QSTORE_KIND, QuantizedStore, column_bits
+from minidress.checkpoint import ArchiveError, write_archive
+from minidress.deploy.memory import device_memory
+from minidress.deploy.quantized import QSTORE_KIND, QuantizedStore
 from minidress.deploy.runtime import DeployedModel
 from minidress.deploy.store import Store
-from minidress.kernels.quantized import (pack_bits, pack_int4, qmatmul, qmatmul_reference, qmatvec_t,
+from minidress.kernels.quantized import (column_bits, lehmer_decode, lehmer_encode, lehmer_widths, pack_bits,
+                                         pack_codes, pack_int4, qmatmul, qmatmul_reference, qmatvec_t,
                                          qmatvec_t_reference, qmax, quantize_rows, row_scales, unpack_bits,
-                                         unpack_int4)
+                                         unpack_codes, unpack_int4)
 from test_checkpoint import resign
 from test_store import make_dress
 
@@ -62,6 +64,22 @@ def test_scale_is_per_row_max_abs_and_zero_rows_get_one():
         row_scales(v, 3)
 
 
+
+@pytest.mark.parametrize("row_len,kmax", [(288, 288), (288, 29), (50, 21), (2, 2), (1, 1), (300, 0)])
+def test_lehmer_codes_round_trip_and_every_prefix_decodes_alone(rng, row_len, kmax):
+    cols = np.stack([rng.permutation(row_len)[:kmax] for _ in range(7)]).reshape(7, kmax)
+    codes, widths = lehmer_encode(cols), lehmer_widths(row_len, kmax)
+    assert np.all(codes < row_len - np.arange(kmax)) and np.all(codes < (1 << widths))
+    packed = pack_codes(codes, widths)
+    assert packed.size == -(-7 * int(widths.sum()) // 8)
+    assert np.array_equal(unpack_codes(packed, widths, 7), codes)
+    for k in sorted({0, 1, kmax // 3, kmax}):        # a level's codes alone give its columns
+        assert np.array_equal(lehmer_decode(codes[:, :k], row_len), cols[:, :k])
+    if row_len == kmax == 288:
+        assert widths.sum() == 2081                  # against 288 * 9 = 2592 bits, fixed width
+    with pytest.raises(ValueError, match="not below"):
+        lehmer_decode(np.full((1, 1), row_len), row_len)
+
 @pytest.fixture(scope="module")
 def stores():
     dress, meta = make_dress(dtype=np.float32)
@@ -105,18 +123,18 @@ def test_save_load_round_trip_is_exact_and_smaller(stores, bits, tmp_path):
         for field in ("q", "scale", "cols", "prefix"):
             assert np.array_equal(getattr(back.sparse[name], field), getattr(rs, field))
     floats = sum(rs.values.nbytes + rs.cols.nbytes for rs in store.sparse.values())
-    assert qs.sparse_nbytes() < (0.36 if bits == 8 else 0.28) * floats     # 9-bit columns here
+    assert qs.sparse_nbytes() < (0.33 if bits == 8 else 0.25) * floats     # Lehmer-coded columns
 
 
 def edited(path, tmp_path, edit_arrays=None, edit_meta=None):
     return resign(path, tmp_path / "bad.npz", QSTORE_KIND, edit_arrays, edit_meta)
 
 
-def _set(key, value):
+def _set(key, value, count=1):
     def edit(arrays):
         name = next(k for k in arrays if k.endswith(key))
         arrays[name] = arrays[name].copy()
-        arrays[name].flat[0] = value
+        arrays[name].flat[:count] = value
     return edit
 
 
@@ -125,7 +143,7 @@ def _set(key, value):
     (_set("/scale", np.nan), "expected finite scales > 0"),
     (_set("/scale", -1.0), "expected finite scales > 0"),
     (_set("/q", -128), "off the symmetric 8-bit grid"),
-    (_set("/cols_packed", 255), "out of range|repeats a column"),
+    (_set("/cols_lehmer", 255, 2), "is not below the .* columns still free"),
 ])
 def test_loader_refuses_bad_arrays_in_one_line(stores, tmp_path, edit, message):
     path = stores[1][8].save(tmp_path / "q.npz")
@@ -174,4 +192,50 @@ def test_bit_flips_load_the_original_or_are_refused(stores, tmp_path):
             return
         for name, rs in qs.sparse.items():
             assert np.array_equal(back.sparse[name].q, rs.q) and np.array_equal(back.sparse[name].scale, rs.scale)
+    case()
+
+
+def test_format_1_files_with_fixed_width_columns_still_load(stores, tmp_path):
+    qs = stores[1][8]
+    arrays = {k.replace("/cols_lehmer", "/cols_packed"): a for k, a in qs.arrays(at_rest=True).items()}
+    for name, rs in qs.sparse.items():
+        arrays[f"sparse/{name}/cols_packed"] = pack_bits(rs.cols, column_bits(rs.row_len))
+    path = tmp_path / "v1.npz"
+    meta = {**qs.meta, "levels": list(qs.levels), "order": qs.order, "bits": 8,
+            "sparse_layers": {n: list(rs.shape) for n, rs in qs.sparse.items()}, "per_level": list(qs.per_level)}
+    back = QuantizedStore.load(write_archive(path, arrays, meta, QSTORE_KIND, 1))
+    for name, rs in qs.sparse.items():
+        assert np.array_equal(back.sparse[name].cols, rs.cols) and np.array_equal(back.sparse[name].q, rs.q)
+
+
+def test_level_bytes_count_the_level_s_own_lehmer_codes(stores):
+    qs = stores[1][8]
+    mem = device_memory(qs, [1.0, 0.1])
+    dense = sum(a.nbytes // a.shape[0] if n in qs.per_level else a.nbytes for n, a in qs.dense.items())
+    for d in (1.0, 0.1):
+        expect = dense
+        for rs in qs.sparse.values():
+            k = int(rs.prefix[list(qs.levels).index(d)])
+            expect += rs.shape[0] * k + -(-rs.shape[0] * int(lehmer_widths(rs.row_len, k).sum()) // 8) + rs.scale.nbytes
+        assert mem[d]["params_level"] == expect
+    assert mem[1.0]["params_store"] == qs.nbytes(at_rest=True)
+
+
+def test_random_column_codes_load_as_a_valid_store_or_fail_in_one_line(stores, tmp_path):
+    path = stores[1][8].save(tmp_path / "q.npz")
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(st.tuples(st.integers(0, 10 ** 6), st.integers(0, 255)), min_size=1, max_size=8))
+    def case(edits):
+        def edit(arrays):
+            name = next(k for k in sorted(arrays) if k.endswith("/cols_lehmer"))
+            a = arrays[name] = arrays[name].copy()
+            for pos, value in edits:
+                a[pos % a.size] = value
+        try:
+            back = QuantizedStore.load(edited(path, tmp_path, edit))
+        except ArchiveError as e:
+            assert "\n" not in str(e)
+            return
+        back.validate()          # distinct columns in range: the store serves
     case()

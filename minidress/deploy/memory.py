@@ -7,13 +7,15 @@ does not shrink at all: a pruned layer still writes every output of every positi
 per density:
 
 * ``params_level``: the bytes at rest a device holding *only* this level needs (each sparsified
-  layer's first ``k`` entries per row, values and column indices as the store holds them, plus
-  its per-row scales if quantized; every dense parameter; one batch-norm slot);
+  layer's first ``k`` entries per row, values and column indices as the store holds them, for a
+  quantized store the first ``k`` Lehmer codes of each row and its per-row scales; every dense
+  parameter; one batch-norm slot);
   ``params_store``: the whole nested store (every level), what a DRESS device holds;
 * ``macs``: multiply-accumulates of one sample (kept weights only);
 * ``activations[B]``: the peak bytes of activations live at once in a forward of batch ``B``
-  in our runtime (``minidress.kernels.program``: every operation writes a new array, its input
-  freed after it unless a residual register still holds it; the input counts);
+  in our runtime (``minidress.kernels.program``: every operation in the program writes a new
+  array, its input freed after it unless a residual register still holds it; a batch norm or
+  ReLU folded into a product's epilogue runs in place; the input counts);
 * ``scratch[B]``: the peak bytes of the im2col buffer of a convolution (working memory besides
   the activations);
 * ``runtime``: what the deployed runtime holds besides the store (its transposed copy of the
@@ -26,6 +28,7 @@ from __future__ import annotations
 import math
 
 from ..kernels import program as prog
+from ..kernels.quantized import lehmer_widths
 from ..masks import check_density, n_kept
 from .compiled import CompiledNet
 
@@ -66,8 +69,8 @@ def _level_bytes(store, d) -> int:
     total = sum(a.nbytes // a.shape[0] if n in store.per_level else a.nbytes for n, a in store.dense.items())
     for rs in store.sparse.values():
         rows, k = rs.shape[0], n_kept(d, rs.row_len)
-        if hasattr(rs, "bits"):         # quantized: packed entries, bit-packed columns, scales
-            total += math.ceil(rows * k * rs.bits / 8) + math.ceil(rows * k * max(1, math.ceil(math.log2(rs.row_len))) / 8)
+        if hasattr(rs, "bits"):         # quantized: packed entries, Lehmer-coded columns, scales
+            total += math.ceil(rows * k * rs.bits / 8) + math.ceil(rows * int(lehmer_widths(rs.row_len, k).sum()) / 8)
             total += rs.scale.nbytes
         else:
             total += rows * k * (rs.values.itemsize + rs.cols.itemsize)

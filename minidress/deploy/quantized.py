@@ -13,19 +13,25 @@ and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference"
 * Symmetric grid ``[-qmax, qmax]``, round to nearest (ties to even); zero is exact.
 * Only the sparsified layers are quantized; the layers DRESS keeps dense (first and last),
   biases and batch norms stay float, as they are few bytes and most sensitive.
-* Column indices are **bit-packed at rest** to ``ceil(log2 row_len)`` bits each (in rank order
-  they are not sorted, so delta coding does not shrink them); in memory they are unpacked to
-  the narrowest unsigned type the kernels read.
+* Column indices are stored at rest as their **Lehmer code**, bit-packed with one width per
+  position (``minidress.kernels.quantized.lehmer_widths``: entry ``j`` of a row is its position
+  among the columns still unused, below ``row_len - j``). In rank order the columns are not
+  sorted, so delta coding does not shrink them; the Lehmer code does (a full row of 288 columns:
+  7.2 bits per entry instead of 9; of 784: 8.7 instead of 10), and a prefix of a row's codes
+  decodes alone, so every level is still a prefix. At load they are decoded to the narrowest
+  unsigned type the kernels read. (Format 1 packed every index in ``ceil(log2 row_len)`` bits;
+  it still loads.)
 
 In memory, per sparsified layer: ``q [rows, ceil(kmax * bits / 8)]`` int8 (int4: entry ``2i``
 in the low nibble of byte ``i``), ``scale [rows]`` float, ``cols [rows, kmax]``, ``prefix [K]``.
 The deployed model (``DeployedModel.from_store``) reads ``q`` directly: the kernels
 (``minidress.kernels.quantized``) dequantize as they go.
 
-File format: a minidress archive of kind ``minidress.qstore``, ``format_version`` 1, arrays
-``sparse/<layer>/{q,scale,cols_packed,prefix}`` and ``dense/<name>``, metadata as the float store's
-plus ``bits``. ``load`` and ``validate`` reject a wrong bit width, a scale that is 0, negative,
-NaN or infinite, an entry off the grid, and everything ``Store.validate`` rejects (checked on the
+File format: a minidress archive of kind ``minidress.qstore``, ``format_version`` 2, arrays
+``sparse/<layer>/{q,scale,cols_lehmer,prefix}`` (format 1: ``cols_packed``) and
+``dense/<name>``, metadata as the float store's plus ``bits``. ``load`` and ``validate`` reject
+a wrong bit width, a scale that is 0, negative, NaN or infinite, an entry off the grid, a column
+code beyond the columns still free, and everything ``Store.validate`` rejects (checked on the
 dequantized store), with one ``ArchiveError`` line.
 """
 from __future__ import annotations
@@ -39,16 +45,12 @@ import numpy as np
 
 from ..checkpoint import ArchiveError, read_archive, write_archive
 from ..kernels import index_dtype
-from ..kernels.quantized import BITS, pack_bits, pack_int4, qmax, quantize_rows, row_scales, unpack_bits, unpack_int4
+from ..kernels.quantized import (BITS, decode_columns, encode_columns, pack_int4, qmax,
+                                 quantize_rows, row_scales, unpack_int4)
 from .store import RowSparse, Store, _from_archive
 
 QSTORE_KIND = "minidress.qstore"
-QSTORE_VERSION = 1
-
-
-def column_bits(row_len: int) -> int:
-    """Bits of one column index at rest: ``ceil(log2 row_len)``, at least 1."""
-    return max(1, math.ceil(math.log2(row_len)))
+QSTORE_VERSION = 2
 
 
 @dataclass
@@ -138,12 +140,12 @@ class QuantizedStore:
 
     # -- what it costs ---------------------------------------------------------------------------
     def arrays(self, at_rest=False) -> dict:
-        """Every array by archive name; ``at_rest``: with the columns bit-packed, as in the file."""
+        """Every array by archive name; ``at_rest``: with the columns Lehmer-coded, as in the file."""
         out = {}
         for name, rs in self.sparse.items():
             out[f"sparse/{name}/q"], out[f"sparse/{name}/scale"] = rs.q, rs.scale
             if at_rest:
-                out[f"sparse/{name}/cols_packed"] = pack_bits(rs.cols, column_bits(rs.row_len))
+                out[f"sparse/{name}/cols_lehmer"] = encode_columns(rs.cols, rs.row_len)
             else:
                 out[f"sparse/{name}/cols"] = rs.cols
             out[f"sparse/{name}/prefix"] = rs.prefix
@@ -151,7 +153,7 @@ class QuantizedStore:
         return out
 
     def nbytes(self, at_rest=False) -> int:
-        """Bytes of every array in memory (``at_rest``: as in the file, columns bit-packed)."""
+        """Bytes of every array in memory (``at_rest``: as in the file, columns Lehmer-coded)."""
         return sum(a.nbytes for a in self.arrays(at_rest).values())
 
     def sparse_nbytes(self, at_rest=True) -> int:
@@ -161,7 +163,7 @@ class QuantizedStore:
 
     # -- files -----------------------------------------------------------------------------------
     def save(self, path):
-        """Validate, then write atomically (columns bit-packed); returns the path."""
+        """Validate, then write atomically (columns Lehmer-coded); returns the path."""
         self.validate()
         meta = {**self.meta, "levels": list(self.levels), "order": self.order, "bits": self.bits,
                 "sparse_layers": {n: list(rs.shape) for n, rs in self.sparse.items()},
@@ -172,7 +174,7 @@ class QuantizedStore:
     def load(cls, path, limits=None) -> "QuantizedStore":
         """Read and validate a quantized store; any problem is one ``ArchiveError`` line naming
         the file. ``limits``: ``minidress.checkpoint.ArchiveLimits``."""
-        arrays, meta = read_archive(path, QSTORE_KIND, {QSTORE_VERSION}, limits)
+        arrays, meta = read_archive(path, QSTORE_KIND, {1, QSTORE_VERSION}, limits)
         try:
             return _from_qarchive(arrays, meta)._validate()
         except ArchiveError as e:
@@ -229,14 +231,14 @@ def _check_quantized(name: str, rs: QuantizedRowSparse, bits: int) -> None:
 
 def _from_qarchive(arrays: dict, meta: dict) -> QuantizedStore:
     """The quantized store a file describes: the float store's layout checks (``_from_archive``
-    on the arrays renamed to a float store's), the bit width, then the columns unpacked."""
-    bits = meta.get("bits")
+    on the arrays renamed to a float store's), the bit width, then the columns decoded."""
+    bits, leaf = meta.get("bits"), "cols_packed" if meta["format_version"] == 1 else "cols_lehmer"
     if isinstance(bits, bool) or bits not in BITS:
         raise ArchiveError(f"metadata 'bits' must be one of {BITS}, got {bits!r:.40}")
     renamed = {}
     for key, a in arrays.items():     # stand-ins with a float store's names, for its layout checks
-        head, _, leaf = key.rpartition("/")
-        renamed[{"q": f"{head}/values", "cols_packed": f"{head}/cols"}.get(leaf, key)] = a
+        head, _, last = key.rpartition("/")
+        renamed[{"q": f"{head}/values", leaf: f"{head}/cols"}.get(last, key)] = a
     extra = {k: a for k, a in arrays.items() if k.startswith("sparse/") and k.endswith("/scale")}
     layout = _from_archive({k: v for k, v in renamed.items() if k not in extra}, meta)
     sparse = {}
@@ -252,11 +254,10 @@ def _from_qarchive(arrays: dict, meta: dict) -> QuantizedStore:
             raise ArchiveError(f"sparse/{name}/prefix must be a non-empty 1-D int64 array of lengths >= 1, "
                                f"got {rs.prefix.dtype} {rs.prefix.shape}")
         rows, row_len, kmax = rs.shape[0], math.prod(rs.shape[1:]), int(rs.prefix.max())
-        cb = column_bits(row_len)
-        packed = rs.cols
-        if packed.dtype != np.uint8 or packed.ndim != 1 or packed.size != math.ceil(rows * kmax * cb / 8):
-            raise ArchiveError(f"sparse/{name}/cols_packed must be uint8 of {math.ceil(rows * kmax * cb / 8)} "
-                               f"bytes ({rows} x {kmax} columns of {cb} bits), got {packed.dtype} {packed.shape}")
-        cols = unpack_bits(packed, cb, rows * kmax).reshape(rows, kmax).astype(index_dtype(row_len))
-        sparse[name] = QuantizedRowSparse(rs.shape, rs.values, scale, cols, rs.prefix, bits)
+        try:
+            cols = decode_columns(rs.cols, rows, row_len, kmax, lehmer=leaf == "cols_lehmer")
+        except ValueError as e:
+            raise ArchiveError(f"sparse/{name}/{leaf} {e}") from None
+        sparse[name] = QuantizedRowSparse(rs.shape, rs.values, scale, cols.astype(index_dtype(row_len)),
+                                          rs.prefix, bits)
     return QuantizedStore(layout.levels, layout.order, sparse, layout.dense, layout.per_level, meta, bits)

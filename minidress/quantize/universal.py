@@ -16,14 +16,16 @@ The method, as we apply it to the nested store (every level stays a prefix of ev
   scalar one (``delta * Z``, one dimension): the paper also uses vector lattices.
 * **Fine-tuning** of the quantized network: the DRESS levels trained on ``w_hat`` with the
   straight-through estimator (``dithered_quantizer`` for ``minidress.quantize.qat.finetune``).
-* **Universal lossless coding** of the indices (and of the bit-packed columns): the paper
+* **Universal lossless coding** of the indices (and of the columns, Lehmer-coded and
+  bit-packed as in the quantized store, ``minidress.kernels.quantized.lehmer_encode``): the paper
   uses universal source codes (Lempel-Ziv-Welch, gzip, bzip2). We measure the standard
   library's ``lzma``, ``bz2`` and ``zlib`` on every stream and keep the smallest (``encode``
-  reports all three in ``sizes``). Measured on the digits CNN store (delta = std / 4): bz2
-  40.6 kB, lzma 41.0 kB, zlib 41.5 kB (seed 0; lzma won on the tutorial's shorter run): within
-  2% of each other, as all three mostly entropy-code the skewed index distribution (the
-  indices have little long-range structure for lzma's matches to find), so we keep whichever
-  is smallest rather than fix one.
+  reports all three in ``sizes``). Measured with ``benchmarks/compress_store.py`` (delta =
+  std / 4, seed 0): on the digits CNN store bz2 34.5 kB, lzma 34.9 kB, zlib 35.4 kB (lzma won
+  on the tutorial's shorter run); on the all-sparse MNIST MLP bz2 386 kB, lzma 389 kB, zlib
+  401 kB: within 4% of each other, as all three mostly entropy-code the skewed index
+  distribution (the indices have little long-range structure for lzma's matches to find), so
+  we keep whichever is smallest rather than fix one.
 
 Our choices: ``delta = step_fraction * std`` of the layer's stored entries, fixed before
 fine-tuning and stored; indices in rank order, as int8 when they fit (else int16); the dense
@@ -41,7 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..kernels.quantized import pack_bits, unpack_bits
+from ..kernels.quantized import lehmer_decode, lehmer_encode, lehmer_widths, pack_codes, unpack_codes
 
 CODERS = {"lzma": lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME),
           "bz2": lambda b: bz2.compress(b, 9), "zlib": lambda b: zlib.compress(b, 9)}
@@ -86,7 +88,7 @@ class UniversalCode:
     ----------
     seed : int, the dither's seed;  steps : dict layer -> delta
     coder : name in ``CODERS``;  streams : dict layer -> (indices bytes, columns bytes), coded
-    layout : dict layer -> (shape, kmax, index dtype name, column bits)
+    layout : dict layer -> (shape, kmax, index dtype name)
     sizes : dict coder -> total coded bytes with that coder (what ``encode`` measured)
     """
     seed: int
@@ -117,9 +119,9 @@ def encode(sparse, steps, seed, coder=None) -> UniversalCode:
     for name, idx in quantize_entries(sparse, steps, seed).items():
         rs = sparse[name]
         dtype = np.int8 if np.abs(idx).max(initial=0) < 128 else np.int16
-        bits = max(1, math.ceil(math.log2(math.prod(rs.shape[1:]))))     # as the quantized store
-        raw[name] = (idx.astype(dtype).tobytes(), pack_bits(rs.cols, bits).tobytes())
-        layout[name] = (tuple(rs.shape), rs.cols.shape[1], np.dtype(dtype).name, bits)
+        widths = lehmer_widths(math.prod(rs.shape[1:]), rs.cols.shape[1])     # as the quantized store
+        raw[name] = (idx.astype(dtype).tobytes(), pack_codes(lehmer_encode(rs.cols), widths).tobytes())
+        layout[name] = (tuple(rs.shape), rs.cols.shape[1], np.dtype(dtype).name)
     coded = {c: {n: (fn(a), fn(b)) for n, (a, b) in raw.items()} for c, fn in CODERS.items()}
     sizes = {c: sum(len(a) + len(b) for a, b in s.values()) for c, s in coded.items()}
     if coder is not None and coder not in CODERS:
@@ -132,11 +134,12 @@ def decode(code: UniversalCode, dtype=np.float32) -> dict:
     """``{layer: (values [rows, kmax] of dtype, cols [rows, kmax] int64)}``, ``values`` the
     served ``w_hat = i * delta - u``: bit for bit the same for the same code (and seed)."""
     out = {}
-    for i, (name, (shape, kmax, idx_dtype, bits)) in enumerate(code.layout.items()):
+    for i, (name, (shape, kmax, idx_dtype)) in enumerate(code.layout.items()):
         a, b = code.streams[name]
-        rows = shape[0]
+        rows, row_len = shape[0], math.prod(shape[1:])
         idx = np.frombuffer(DECODERS[code.coder](a), idx_dtype).reshape(rows, kmax).astype(np.float64)
-        cols = unpack_bits(np.frombuffer(DECODERS[code.coder](b), np.uint8), bits, rows * kmax).reshape(rows, kmax)
+        packed = np.frombuffer(DECODERS[code.coder](b), np.uint8)
+        cols = lehmer_decode(unpack_codes(packed, lehmer_widths(row_len, kmax), rows), row_len)
         u = np.take_along_axis(dither(shape, code.steps[name], code.seed, i), cols, axis=1)
         out[name] = ((idx * code.steps[name] - u).astype(dtype), cols)
     return out
