@@ -426,3 +426,20 @@ def test_penalised_step_without_penalty_is_the_dense_step(rng):
     la, ca, ga = penalised_step(a, xb, yb)
     lb, cb, gb = dense_step(b, xb, yb)
     assert (la, ca) == (lb, cb) and all(np.array_equal(ga[k], gb[k]) for k in gb)
+
+
+def test_benchmark_families_sparsify_every_layer_when_asked():
+    """``compare_single_density.py --setting mlp`` relies on ``make_family(dense_first_last=
+    False)`` reaching every Linear, the classifier included, for every family."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import compare_single_density as bench
+    from minidress.app.experiment import RunConfig
+    linears = [n.rstrip(".") for n, m in mlp([6, 8, 7, 3]).named_layers() if type(m).__name__ == "Linear"]
+    for dense_first_last, expected in ((False, set(linears)), (True, set(linears[1:-1]))):
+        for name in bench.METHODS:
+            pruner, _ = bench.make_family(name, mlp([6, 8, 7, 3]), 0.5, 30, 5, RunConfig(), (1,),
+                                          dense_first_last)
+            assert set(pruner.layers) == expected, (name, dense_first_last)
+    assert bench.SETTINGS["mlp"]["dense_first_last"] is False
