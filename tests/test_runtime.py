@@ -148,6 +148,15 @@ def test_masked_matrices_are_bounded_and_rebuilt_after_being_dropped():
     for d in densities[::7]:
         fresh = DeployedModel.from_store(store, paths="dense").set_density(float(d)).predict(x)
         assert np.array_equal(deployed.set_density(float(d)).predict(x), fresh)
+    # a latency profile over more densities than that: its probes drop matrices that states
+    # chosen before point into; every density must still serve its own logits afterwards
+    auto = DeployedModel.from_store(store)
+    auto._calibrated = True
+    auto._compiled.crossover[:] = 0                    # every layer on BLAS, as on a fast BLAS
+    auto.latency_profile(densities, batch=3, repeats=1)
+    for d in densities[::5]:
+        fresh = DeployedModel.from_store(store, paths="dense").set_density(float(d)).predict(x)
+        assert np.array_equal(auto.set_density(float(d)).predict(x), fresh)
 
 
 def test_level_major_store_serves_only_its_levels():

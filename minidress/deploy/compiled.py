@@ -36,9 +36,10 @@ PATHS = ("auto", "sparse", "dense")
 UNTIMED_CROSSOVER = 0.25
 # The masked dense matrices of the BLAS path are kept for at most this many prefix lengths per
 # product (one matrix each); past it they are all dropped and rebuilt on use. A budget
-# controller uses a few densities, each then switched to by a lookup; one sweeping through
-# hundreds of densities would otherwise hold a dense copy for each.
-MAX_MASKED_COPIES = 8
+# controller profiles and then uses a few densities (a profile of n densities needs at most
+# n + 1 per product), each then switched to by a lookup; one sweeping through hundreds of
+# densities would otherwise hold a dense copy for each.
+MAX_MASKED_COPIES = 16
 
 
 class CompiledNet:

@@ -266,12 +266,18 @@ class DeployedModel:
         measuring the paths' crossovers, if not done yet)."""
         if not self._calibrated:
             self.calibrate()
-        plan, generation = self._plan_now, self._compiled.generation
-        state = self._compiled.state(plan[0], plan[1])
-        if self._compiled.generation != generation:      # masked matrices dropped: offsets moved
-            for other in self._plans.values():
-                other[3] = None
-        plan[3] = state
+        plan = self._plan_now
+        plan[3] = self._new_state(plan[0], plan[1])
+        return plan[3]
+
+    def _new_state(self, density, slot, **kwargs):
+        """``CompiledNet.state``; if building it dropped the masked matrices, every state kept
+        before points at moved offsets and is forgotten (rebuilt on next use)."""
+        generation = self._compiled.generation
+        state = self._compiled.state(density, slot, **kwargs)
+        if self._compiled.generation != generation:
+            for plan in self._plans.values():
+                plan[3] = None
         return state
 
     def calibrate(self, batch=32) -> dict:
@@ -389,12 +395,13 @@ class DeployedModel:
                 # Compared by the fastest call: other processes only ever add time, and a 90th
                 # percentile (or even a median) of a few calls on a busy machine is mostly them.
                 plan, chosen, path = self._plan_now, self._plan_now[3], 1 if batch == 1 else 2
-                plan[3] = self._compiled.state(d, plan[1], force_dense=path, probe=True)
+                generation = self._compiled.generation
+                plan[3] = self._new_state(d, plan[1], force_dense=path, probe=True)
                 dense = self._times(x, repeats)
                 if min(dense) < min(times):
-                    plan[3], times = self._compiled.state(d, plan[1], force_dense=path), dense
-                else:
-                    plan[3] = chosen
+                    plan[3], times = self._new_state(d, plan[1], force_dense=path), dense
+                else:              # the chosen state, unless the probe's matrix moved its offsets
+                    plan[3] = chosen if self._compiled.generation == generation else None
             prof[d] = float(np.quantile(times, quantile))
         self.set_density(before)
         self.profile = {"batch": batch, "quantile": quantile, "seconds": prof}
