@@ -118,7 +118,13 @@ def dress_changes(text) -> dict:
         name, _, value = item.partition("=")
         if name not in known:
             raise ValueError(f"unknown option {name!r}; choose from {sorted(known)}")
-        changes[name] = known[name].metadata.get("text", str)(value)
+        default = known[name].default
+        if isinstance(default, bool):       # a flag on the command line; here true/false
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
+            changes[name] = value.lower() in ("true", "1")
+        else:
+            changes[name] = known[name].metadata.get("text", str)(value)
     DressOptions(**changes)
     return changes
 
@@ -229,7 +235,7 @@ def combine(paths) -> int:
     if any(s != seeds[0] for s in seeds) or any(d != dense[0] for d in dense):
         raise SystemExit("--combine needs runs of the same seeds from the same pre-trained networks")
     defaults = {**RunConfig().to_json(1), **vars(DressOptions())}
-    ignore = {"ramp_steps", "grid", "baselines", "quiet"}
+    ignore = {"ramp_steps", "run_steps", "grid", "baselines", "quiet"}    # set by the run's length
     methods, density_sets = {}, []
     for runs in files:
         c = runs[0]["config"]

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
-from .kernels import index_dtype
+from .kernels.rowsparse import kept_columns
 from .masks import check_density, n_kept, nearest_level, row_ranks
 from .nn.layers import BatchNorm, Conv2d, Linear, in_slot
 from .nn.losses import log_softmax, softmax_cross_entropy
@@ -57,6 +57,12 @@ def _numbers(text):
 
 def _lambdas_from_text(text):
     return text if text in LAMBDAS else _numbers(text)
+
+
+def _until_from_text(text):
+    """``resample_until`` from the command line: "0.5" is a fraction of the run, "110" a step."""
+    value = float(text)
+    return int(value) if value >= 1 and value == int(value) else value
 
 
 def _option(default, help, **cli):
@@ -85,10 +91,15 @@ class DressOptions:
     resample_every: int = _option(50, "re-rank every row from the current weights every N joint "
                                       "steps (0 = rank once, never again)", text=int,
                                   form="an integer >= 0")
-    resample_until: int = _option(110, "re-rank (every resample_every steps) only before this "
-                                       "joint step, so the rest of training keeps one ranking (0 = "
-                                       "all run long; the default is half of minidress train's "
-                                       "220 steps on digits)", text=int, form="an integer >= 0")
+    resample_until: float = _option(
+        0.5, "re-rank (every resample_every steps) only before this point, so the rest of training "
+             "keeps one ranking: a number in (0, 1) is that fraction of the run's joint steps "
+             "(run_steps; the default, 0.5, is the first half of the run), a whole number >= 1 "
+             "that joint step (0 = all run long, and so is a fraction while run_steps is 0)",
+        text=_until_from_text, form="0, a number in (0, 1) or a whole number >= 1")
+    run_steps: int = _option(0, "the run's number of joint steps, of which a fractional "
+                                "resample_until is a fraction (minidress train sets it from "
+                                "--epochs; 0 = unknown)", flag=None)
     sample_prob: float = _option(
         0.5, "fine-grained sampling: each step, the pass of every level but the densest trains, "
              "with this probability, a density drawn uniformly from the level's stratum (the "
@@ -121,9 +132,9 @@ class DressOptions:
                       f"of at most {SMALL_ROW} weights (a 3x3 conv on 1-3 channels)",
         choices=DENSE_LAYERS)
     kernel_max_density: float = _option(
-        0.0, "train the Linear layers of levels at or below this density on their kept weights "
-             "through the row-sparse kernels (speed only, same numbers up to the order of "
-             "additions; 0 = never)", text=float, form="a number in [0, 1]")
+        0.0, "Linear layers of levels at or below this density train through the row-sparse kernels "
+             "where measured faster than dense masked products (speed only, same numbers up to the "
+             "order of additions; 0 = never: dense, bit-reproducible)", text=float, form="a number in [0, 1]")
 
     def __post_init__(self):
         levels = tuple(check_density(d, "levels") for d in np.atleast_1d(self.levels).tolist())
@@ -133,7 +144,15 @@ class DressOptions:
         if not isinstance(self.lambdas, str):
             object.__setattr__(self, "lambdas", tuple(float(v) for v in np.atleast_1d(self.lambdas)))
         resolve_lambdas(self.lambdas, levels)
-        for name in ("resample_every", "resample_until", "ramp_steps", "sample_seed"):
+        until = self.resample_until
+        if not (until == 0 or 0 < until < 1 or (until >= 1 and until == int(until))):
+            raise ValueError(f"resample_until must be 0, a fraction of the run in (0, 1) or a whole "
+                             f"number of joint steps >= 1, got {until!r}")
+        if until >= 1 or until == 0:
+            object.__setattr__(self, "resample_until", int(until))    # steps, as recorded before
+        if not isinstance(self.dense_first_last, (bool, np.bool_)):     # "False" would be true
+            raise ValueError(f"dense_first_last must be True or False, got {self.dense_first_last!r}")
+        for name in ("resample_every", "ramp_steps", "run_steps", "sample_seed"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name, allowed in (("ramp", RAMPS), ("norm", NORMS), ("distill", DISTILL),
@@ -312,14 +331,28 @@ class Dress:
         mask = (ranks < k).reshape(w.shape).astype(w.dtype)
         kept = None
         if isinstance(layer, Linear) and d <= self.options.kernel_max_density:
-            kept = np.argsort(ranks, axis=1, kind="stable")[:, :k].astype(index_dtype(ranks.shape[1]))
+            kept = kept_columns(ranks, k)
         return mask, kept
 
-    def rerank_due(self, step) -> bool:
+    def rerank_stop(self, run_steps=None):
+        """The joint step before which re-ranking happens (None: all run long).
+
+        A fractional ``resample_until`` is that fraction of ``run_steps`` (default: the option
+        ``run_steps``) joint steps, rounded to the nearest step; while ``run_steps`` is 0 it stops
+        nothing. A whole ``resample_until`` is the step itself."""
+        until = self.options.resample_until
+        run_steps = self.options.run_steps if run_steps is None else run_steps
+        if until >= 1:
+            return int(until)
+        if until == 0 or not run_steps:
+            return None
+        return int(np.floor(until * run_steps + 0.5))
+
+    def rerank_due(self, step, run_steps=None) -> bool:
         """Whether joint step ``step`` re-ranks first: every ``resample_every`` steps after the
-        first, and only before ``resample_until`` if that is set."""
-        every, until = self.options.resample_every, self.options.resample_until
-        return bool(every) and step > 0 and step % every == 0 and (not until or step < until)
+        first, and only before ``rerank_stop(run_steps)`` if that is set."""
+        every, stop = self.options.resample_every, self.rerank_stop(run_steps)
+        return bool(every) and step > 0 and step % every == 0 and (stop is None or step < stop)
 
     def pass_plan(self, step) -> list:
         """What each level's pass trains at joint step ``step``: ``(density, drawn)`` per level.

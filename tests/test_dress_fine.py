@@ -155,8 +155,46 @@ def test_sampling_and_distillation_resume_bit_identically(tmp_path):
 def test_resample_until_stops_reranking():
     dress = Dress(tiny_mlp(), levels=(1.0, 0.5), resample_every=10, resample_until=35)
     assert [t for t in range(80) if dress.rerank_due(t)] == [10, 20, 30]
-    dress = Dress(tiny_mlp(), levels=(1.0, 0.5), resample_every=10)
+    dress = Dress(tiny_mlp(), levels=(1.0, 0.5), resample_every=10, resample_until=0)
     assert [t for t in range(45) if dress.rerank_due(t)] == [10, 20, 30, 40]
+
+
+def test_fractional_resample_until_scales_with_the_run():
+    """A fraction in (0, 1) stops re-ranking at that fraction of run_steps (nearest step), so the
+    same option re-ranks through half of a short run and half of a long one."""
+    due = lambda dress, n: [t for t in range(n) if dress.rerank_due(t)]
+    short = Dress(tiny_mlp(), levels=(1.0, 0.5), resample_every=10, resample_until=0.5, run_steps=80)
+    assert short.rerank_stop() == 40 and due(short, 80) == [10, 20, 30]
+    long = Dress(tiny_mlp(), levels=(1.0, 0.5), resample_every=10, resample_until=0.5, run_steps=400)
+    assert long.rerank_stop() == 200 and due(long, 400) == list(range(10, 200, 10))
+    odd = Dress(tiny_mlp(), levels=(1.0, 0.5), resample_every=1, resample_until=0.25, run_steps=10)
+    assert odd.rerank_stop() == 3 and due(odd, 10) == [1, 2]             # 2.5 -> step 3
+    # An unknown run length (run_steps 0, a Dress built by hand) stops nothing.
+    unknown = Dress(tiny_mlp(), levels=(1.0, 0.5), resample_every=10, resample_until=0.5)
+    assert unknown.rerank_stop() is None and due(unknown, 45) == [10, 20, 30, 40]
+    # The default is the first half: on digits (220 steps) exactly the earlier 110.
+    assert DressOptions().resample_until == 0.5
+    from minidress.app.experiment import RunConfig
+    options = RunConfig().dress_for(22)
+    assert options.run_steps == 220 and Dress(tiny_mlp(), options).rerank_stop() == 110
+    assert RunConfig(epochs=3).dress_for(938).run_steps == 2814
+
+
+def test_alternating_stops_reranking_at_the_same_joint_step():
+    """Alternating's run_steps counts its own steps (K per DRESS step): the fraction is of its
+    run too, so it re-ranks before the same passes as DRESS does."""
+    x, y = np.random.default_rng(0).standard_normal((9, 6)), np.arange(9) % 3
+    options = DressOptions(levels=(1.0, 0.5), resample_every=2, resample_until=0.5)
+    dress = Dress(tiny_mlp(), options, run_steps=20)
+    peer = Alternating(tiny_mlp(), options, run_steps=40)
+    calls, ranked = [], []
+    peer.dress.rank = lambda: calls.append(1)
+    for t in range(40):
+        before = len(calls)
+        peer.step(peer.model, x, y)
+        ranked += [t] * (len(calls) - before)
+    assert [t // 2 for t in ranked] == [t for t in range(20) if dress.rerank_due(t)] == [2, 4, 6, 8]
+    assert all(t % 2 == 0 for t in ranked)          # before the densest level's pass
 
 
 def test_alternating_trains_dress_pass_plan(rng):
@@ -183,11 +221,17 @@ def test_old_configs_load_and_new_options_are_checked():
     assert DressOptions.from_config(old) == DressOptions(levels=(1.0, 0.5), resample_every=0,
                                                          resample_until=0, sample_prob=0.0)
     assert DressOptions.from_config(asdict(DressOptions())) == DressOptions()
+    # A run that recorded resample_until=110 (steps, before fractions existed) keeps it.
+    assert DressOptions.from_config({**old, "resample_until": 110}).resample_until == 110
+    assert type(DressOptions(resample_until=110.0).resample_until) is int
     for change, message in [({"sample_prob": 1.0}, r"sample_prob must be in \[0, 1\)"),
                             ({"d_min": 0.2}, r"d_min must be in \[0, 0.1\]"),
                             ({"distill": "teacher"}, "distill must be one of"),
                             ({"dense_layers": "big"}, "dense_layers must be one of"),
-                            ({"resample_until": -1}, "resample_until must be >= 0")]:
+                            ({"resample_until": -1}, "resample_until must be 0, a fraction"),
+                            ({"resample_until": 1.5}, "resample_until must be 0, a fraction"),
+                            ({"run_steps": -1}, "run_steps must be >= 0"),
+                            ({"dense_first_last": "False"}, "dense_first_last must be True or False")]:
         with pytest.raises(ValueError, match=message):
             DressOptions(**change)
 
@@ -200,3 +244,29 @@ def test_new_options_are_flags_of_minidress_train():
     assert dress_options(args) == DressOptions(sample_prob=0.5, d_min=0.05, sample_seed=2,
                                                distill="densest", resample_until=100,
                                                dense_layers="small")
+    assert isinstance(dress_options(args).resample_until, int)
+    args = build_parser().parse_args(["train", "--resample-until", "0.25"])
+    assert dress_options(args).resample_until == 0.25
+
+
+def test_compare_anytime_reads_options_as_their_flags_do():
+    """benchmarks/compare_anytime.py --dress-options: "dense_first_last=False" must sparsify the
+    first and last layers (it once became the true string "False"), and resample_until reads a
+    fraction or a step."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_anytime.py"
+    spec = importlib.util.spec_from_file_location("compare_anytime_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    import sys
+    sys.path.insert(0, str(path.parent))            # its "from common import ..."
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    changes = module.dress_changes("dense_first_last=False,resample_until=110,sample_prob=0.25")
+    assert changes == {"dense_first_last": False, "resample_until": 110, "sample_prob": 0.25}
+    assert module.dress_changes("resample_until=0.25") == {"resample_until": 0.25}
+    assert list(Dress(mlp([30, 8, 7, 3]), **changes).layers) == ["1", "3", "5"]
+    with pytest.raises(ValueError, match="dense_first_last must be true or false"):
+        module.dress_changes("dense_first_last=no")

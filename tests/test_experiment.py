@@ -106,14 +106,14 @@ def test_cli_rejects_bad_dress_options(tmp_path, capsys, argv, message):
 
 def test_every_dress_option_is_a_flag_of_minidress_train(capsys):
     """The flags are generated from DressOptions: one per field (ramp_steps comes from
-    --ramp-epochs), each with the field's default."""
+    --ramp-epochs, run_steps from --epochs), each with the field's default."""
     from dataclasses import fields
 
     from minidress.app.cli import build_parser
     from minidress.dress import DressOptions
     args = build_parser().parse_args(["train"])
     for f in fields(DressOptions):
-        if f.name != "ramp_steps":
+        if f.name not in ("ramp_steps", "run_steps"):
             assert hasattr(args, f.name), f.name
     from minidress.app.cli import dress_options
     assert dress_options(args) == DressOptions()

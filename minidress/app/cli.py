@@ -168,7 +168,7 @@ def cmd_train_dress(args):
                     weight_decay=args.weight_decay, seed=args.seed, baselines=not args.no_baselines,
                     val_fraction=args.val_fraction, quiet=args.quiet)
     out = args.run_folder = run_folder(args, "dress")
-    record = json.loads(json.dumps({k: v for k, v in cfg.to_json(0).items() if k != "ramp_steps"}))
+    record = json.loads(json.dumps({k: v for k, v in cfg.to_json(0).items() if k not in ("ramp_steps", "run_steps")}))
     identity = set(record) - RESUMABLE_CHANGES
     with RunFolder(out, record, resume=bool(args.resume), force=args.force, identity=identity) as folder:
         print(f"minidress train: DRESS on {cfg.dataset} with the {cfg.model} model, seed {cfg.seed}"

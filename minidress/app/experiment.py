@@ -93,8 +93,10 @@ class RunConfig:
         return self.dress.levels
 
     def dress_for(self, steps_per_epoch) -> DressOptions:
-        """DRESS's options for a phase of ``steps_per_epoch`` steps an epoch (sets the ramp)."""
-        return replace(self.dress, ramp_steps=int(self.ramp_epochs * steps_per_epoch))
+        """DRESS's options for a phase of ``steps_per_epoch`` steps an epoch (sets the ramp, and
+        the run's length ``run_steps`` that a fractional ``resample_until`` is a fraction of)."""
+        return replace(self.dress, ramp_steps=int(self.ramp_epochs * steps_per_epoch),
+                       run_steps=int(self.epochs * steps_per_epoch))
 
     def to_json(self, steps_per_epoch) -> dict:
         """The run's config as flat JSON (DRESS's options beside the others), as checkpoints,

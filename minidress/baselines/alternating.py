@@ -23,8 +23,9 @@ norms. Only the step differs:
 We leave out AST's gradient correction (the abstract does not define it and the paper's body
 was not available to us): this is "alternating as in AST", not AST. Re-ranking
 (``resample_every``, counted in DRESS joint steps) happens every ``resample_every * K``
-alternating steps (and ``resample_until`` likewise), and a ramp (``ramp_steps``) should be given
-in alternating steps: both keep the same schedule per forward/backward pass as DRESS. With
+alternating steps (and a whole ``resample_until`` likewise), and a ramp (``ramp_steps``) and the
+run's length (``run_steps``, of which a fractional ``resample_until`` is a fraction) should be
+given in alternating steps: all keep the same schedule per forward/backward pass as DRESS. With
 fine-grained sampling (``sample_prob``), alternating step ``t`` trains what DRESS's pass of level
 ``t mod K`` trains at joint step ``t // K`` (``Dress.pass_plan``), with the same batch-norm
 handling. In-place distillation (``distill``) needs the densest level's predictions on the same
@@ -83,7 +84,7 @@ class Alternating(Peer):
         k = self.level_at(t)
         dress = self.dress
         joint, k_levels = divmod(t, len(self.levels))
-        if k_levels == 0 and dress.rerank_due(joint):
+        if k_levels == 0 and dress.rerank_due(joint, run_steps=dress.options.run_steps // len(self.levels)):
             dress.rank()
         density, drawn = dress.pass_plan(joint)[k]
         if not drawn:                       # a ramp counts alternating steps (module docstring)
