@@ -160,6 +160,8 @@ TAMPERING = {
     "per_level of lists": (None, lambda m: m.__setitem__("per_level", [["a"]]), "per_level must name arrays"),
     "model a list": (None, lambda m: m.__setitem__("model", ["mlp"]), "'model' must be a JSON object"),
     "model of 10^12 classes": (None, lambda m: m["model"].__setitem__("n_classes", 10 ** 12),
+                               "'n_classes' must be an integer in"),
+    "model of 60000 classes": (None, lambda m: m["model"].__setitem__("n_classes", 60000),
                                "describes more weights than the store"),
 }
 
