@@ -16,8 +16,8 @@ per density:
   in our runtime (``minidress.kernels.program``: every operation in the program writes a new
   array, its input freed after it unless a residual register still holds it; a batch norm or
   ReLU folded into a product's epilogue runs in place; the input counts);
-* ``scratch[B]``: the peak bytes of the im2col buffer of a convolution (working memory besides
-  the activations);
+* ``scratch[B]``: the peak bytes of the im2col buffer of a convolution and of the zero-padded
+  copy of its input it reads from (working memory besides the activations);
 * ``runtime``: what the deployed runtime holds besides the store (its transposed copy of the
   entries, folded batch norms, dense matrices: ``CompiledNet.nbytes``), the same at every level.
 
@@ -89,8 +89,9 @@ def _walk(net, batch, itemsize):
             layer = net.layers[a]
             rows, kh, stride, pad = (int(layer[i]) for i in (prog.L_ROWS, prog.L_KH, prog.L_STRIDE, prog.L_PAD))
             ho, wo = (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kh) // stride + 1
-            if not (kh == 1 and stride == 1 and pad == 0):
-                scratch = max(scratch, int(layer[prog.L_ROW_LEN]) * batch * ho * wo)
+            if not (kh == 1 and stride == 1 and pad == 0):   # im2col, and its zero-padded input
+                padded = c * batch * (h + 2 * pad) * (w + 2 * pad) if pad else 0
+                scratch = max(scratch, int(layer[prog.L_ROW_LEN]) * batch * ho * wo + padded)
             c, h, w = rows, ho, wo
         elif op == prog.OP_POOL:
             h, w = (h - a) // b + 1, (w - a) // b + 1
