@@ -6,13 +6,14 @@ input, 115 MB for the small CNN's 32-channel 28x28 layer at batch 128), runs one
 transposes the result; its backward pass runs two more GEMMs and scatters ``dcols`` back with
 ``col2im``. Those copies cost more than the arithmetic on this project's small images.
 
-**Per-image GEMMs** (``conv2d_forward``'s default, ``direct_wins``): each image's im2col matrix
+**Per-image GEMMs** (``conv2d_forward``'s default): each image's im2col matrix
 ``cols_n [C_in*kh*kw, Ho*Wo]`` is copied from a strided view of the padded input, a chunk of
 images at a time small enough to stay in cache (``CHUNK_BYTES``), and ``W @ cols_n`` writes the
 output in NCHW directly. Backward: ``dw += dout_n @ cols_n.T``, ``dcols_n = W.T @ dout_n``, and
 ``_col2im_add`` (a Numba loop) adds ``dcols`` back into the padded input gradient. Measured on
 the ``bench_train.py`` layers (float32, one thread, a loaded 2-core machine; forward and
-backward): 0.2-0.7x the reference's time, and 0.1-0.8x the direct loops'.
+backward): 0.2-0.7x the reference's time, and 0.1-0.8x the direct loops' (0.3-0.8x on every
+LeNet-5, small-CNN and ResNet layer), so the direct loops run only on request.
 
 **Direct loops** (``direct=True``) compute the same sums directly on the zero-padded input:
 
@@ -190,24 +191,16 @@ def _gemm_conv(xp, w, s, ho, wo):
     return out.reshape(len(xp), c_out, ho, wo)
 
 
-def direct_wins(x_shape, w_shape, stride, padding):
-    """Whether the direct loops should run instead of the per-image GEMMs. Never since the GEMMs
-    came (float32, one thread, ``benchmarks/bench_train.py`` shapes, loaded 2-core machine: the
-    GEMMs took 0.3-0.8x the direct loops' time on every LeNet-5, small-CNN and ResNet layer,
-    and 0.2-0.9x the full-batch im2col reference's); kept so the choice stays one place."""
-    return False
-
-
 def _pad(x, p):
     return np.pad(x, ((0, 0), (0, 0), (p, p), (p, p))) if p else np.ascontiguousarray(x)
 
 
-def conv2d_forward(x, w, b, stride=1, padding=0, direct=None):
+def conv2d_forward(x, w, b, stride=1, padding=0, direct=False):
     """Same arguments and output as ``minidress.nn.layers.conv2d_forward_reference``; the cache
     holds the padded input instead of the im2col matrix. ``direct``: run the direct loops (True)
-    or the GEMMs (False); None lets ``direct_wins`` choose.
+    instead of the GEMMs (the default: faster on every layer measured).
 
-    Per-image GEMMs (``direct_wins`` False): ``out[n] = W [C_out, C*kh*kw] @ cols_n``, where
+    Per-image GEMMs: ``out[n] = W [C_out, C*kh*kw] @ cols_n``, where
     ``cols_n`` is image ``n``'s im2col matrix taken from a strided view of the padded input, a
     chunk of images at a time (``CHUNK_BYTES``): each GEMM writes NCHW directly, with no
     transpose, and no batch-sized im2col matrix is ever made. Otherwise the direct loops."""
@@ -216,7 +209,6 @@ def conv2d_forward(x, w, b, stride=1, padding=0, direct=None):
     ho, wo = conv_output_size(h, kh, stride, padding), conv_output_size(wd, kw, stride, padding)
     xp, wc = _pad(x, padding), np.ascontiguousarray(w)
     bc = np.ascontiguousarray(np.broadcast_to(b, (c_out,)), dtype=x.dtype)
-    direct = direct_wins(x.shape, w.shape, stride, padding) if direct is None else direct
     if direct:
         out = np.empty((n, c_out, ho, wo), x.dtype)
         _conv_forward(xp, wc, bc, stride, ho, wo, out)

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from ..im2col import col2im, conv_output_size, im2col, receptive_fields
-from ..kernels import conv_train, rowsparse_matmul, rowsparse_matmul_grads
+from ..kernels import conv_train, rowsparse_matmul
 from ..kernels.rowsparse import rowsparse_matmul_input_grad, rowsparse_wins
 
 
