@@ -43,8 +43,6 @@ import copy
 import time
 from dataclasses import replace
 
-import numpy as np
-
 from ..baselines.alternating import Alternating
 from ..baselines.lcs_line import LCSLine, check_beta
 from ..baselines.lcs_point import DEFAULT_D_MIN, LCSPoint, check_d_min

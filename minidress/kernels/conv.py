@@ -8,8 +8,6 @@ transpose anywhere between layers.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from ..im2col import im2col_cnhw
 from .rowsparse import rowsparse_matmul, rowsparse_matmul_reference
 
