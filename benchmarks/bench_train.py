@@ -73,6 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--numba-threads", type=int, default=None,
                    help="threads of the Numba pool (pooling, col2im and row-sparse kernels) while "
                         "training (default: --threads); see minidress.kernels.conv_train.training_threads")
+    p.add_argument("--thread-policy", action="store_true",
+                   help="instead of the epoch table: ms per minidress training step (dense step + "
+                        "SGD) of each --models model with BLAS and the Numba pool at 1 or 2 threads "
+                        "each, interleaved in one process (what chose conv_train.TRAINING_THREADS)")
     p.add_argument("--blas-threads", type=int, default=None,
                    help="BLAS threads while minidress trains (Linear layers and the convolutions' "
                         "GEMMs; default: --threads, as torch gets; threadpoolctl)")
@@ -259,6 +263,40 @@ def stats(xs):
     return statistics.median(xs), min(xs), max(xs)
 
 
+def thread_policy(args, batches) -> int:
+    """Print ms per training step (``dense_step`` + SGD, one batch) of each model under every
+    (BLAS, Numba) thread pair in {1, 2}^2, interleaved (``common.interleaved_medians``)."""
+    from common import interleaved_medians
+    from minidress.kernels.conv_train import TRAINING_THREADS, training_threads
+
+    pairs = [(1, 1), (1, 2), (2, 1), (2, 2)]
+    print(f"thread policy: ms per training step, median of {args.repeats * 5} interleaved rounds; "
+          f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}; the library trains with "
+          f"TRAINING_THREADS = {TRAINING_THREADS} for both pools\n")
+    print("| model | batch | " + " | ".join(f"BLAS {b}, Numba {n}" for b, n in pairs) + " |")
+    print("|---|---|" + "---|" * len(pairs))
+    import numpy as np
+    from minidress.nn.models import small_cnn
+    rng = np.random.default_rng(args.seed)
+    digits = [(rng.standard_normal((64, 1, 8, 8)).astype(np.float32), rng.integers(0, 10, 64))]
+    for model_name in ["digits-cnn"] + args.models:        # + the small CNN on 8x8 digits
+        if model_name == "digits-cnn":
+            runner = MinidressRunner("cnn", digits, args.lr, args.seed)
+            runner.model = small_cnn(seed=args.seed).train()
+        else:
+            runner = MinidressRunner(model_name, batches[:1], args.lr, args.seed)
+
+        def in_threads(blas, nb):
+            def step():
+                with training_threads(nb, blas):
+                    runner._run(1)
+            return step
+        times = interleaved_medians({pair: in_threads(*pair) for pair in pairs}, rounds=args.repeats * 5)
+        print(f"| {model_name} | {len(runner.batches[0][1])} | "
+              + " | ".join(f"{times[pair] * 1e3:.1f}" for pair in pairs) + " |", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     env_applied = set_thread_env(args.threads)
@@ -314,6 +352,9 @@ def main(argv=None) -> int:
     import numba
     from minidress.kernels.conv_train import training_threads
 
+    if args.thread_policy:
+        return thread_policy(args, batches)
+
     n_numba = args.threads if args.numba_threads is None else args.numba_threads
     if args.blas_threads is None:
         args.blas_threads = args.threads
@@ -333,7 +374,7 @@ def main(argv=None) -> int:
             scale = len(batches) / n_steps
             print(f"{model_name}: batch {bs}, {len(batches)} steps per epoch", flush=True)
         runners = [R(model_name, batches, args.lr, args.seed) for R in runner_types]
-        numba_pool = training_threads(n_numba)
+        numba_pool = training_threads(n_numba, None)     # BLAS: MinidressRunner.blas_threads
         numba_pool.__enter__()
         for r in runners:
             if args.warmup:

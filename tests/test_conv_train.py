@@ -98,7 +98,7 @@ def test_conv_same_result_for_any_thread_count(rng, threads):
 
 
 POOL_CASES = [((2, 3, 4, 4), 2, 2), ((1, 2, 5, 7), 3, 2), ((2, 1, 5, 5), 2, 1), ((3, 4, 28, 28), 2, 2),
-              ((1, 2, 6, 6), 3, 1)]
+              ((1, 2, 6, 6), 3, 1), ((2, 2, 7, 6), 3, 3), ((2, 3, 9, 8), 2, 2)]
 
 
 @pytest.mark.parametrize("shape,k,s", POOL_CASES)
@@ -118,3 +118,17 @@ def test_pooling_bit_for_bit(rng, shape, k, s, dtype):
         dx, dxr = b(dout, cache), br(dout, cache_r)
         assert dx.dtype == dtype
         np.testing.assert_array_equal(dx, dxr)
+
+
+@pytest.mark.parametrize("k,s", [(2, 2), (3, 3), (3, 2)])
+def test_maxpool_nan_bit_for_bit(rng, k, s):
+    """NaN follows argmax's rule (the first NaN of a window wins) in the unrolled 2x2 kernel,
+    the general one and the reference alike."""
+    x = rng.standard_normal((2, 3, 9, 9)).astype(np.float32)
+    x[0, 0, 0, 1] = x[1, 2, 4, 4] = x[1, 2, 4, 5] = np.nan
+    y, cache = maxpool_forward(x, k, s)
+    yr, cache_r = maxpool_forward_reference(x, k, s)
+    np.testing.assert_array_equal(y, yr)
+    np.testing.assert_array_equal(cache[1], cache_r[1])
+    dout = rng.standard_normal(y.shape).astype(np.float32)
+    np.testing.assert_array_equal(maxpool_backward(dout, cache), maxpool_backward_reference(dout, cache_r))

@@ -44,7 +44,8 @@ from contextlib import contextmanager
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, uint64
+from threadpoolctl import threadpool_limits
 
 from ..im2col import conv_output_size
 
@@ -161,22 +162,37 @@ def _col2im_add(dcols, s, dxp):
 CHUNK_BYTES = 1 << 21
 
 
-def _windows(xp, kh, kw, s, ho, wo):
-    """Read-only strided view ``[N, C, kh, kw, Ho, Wo]`` of the padded input (no copy):
-    element ``[n, c, i, j, y, x]`` is ``xp[n, c, s*y + i, s*x + j]``."""
-    sn, sc, sh, sw = xp.strides
-    return np.lib.stride_tricks.as_strided(xp, xp.shape[:2] + (kh, kw, ho, wo),
-                                           (sn, sc, sh, sw, s * sh, s * sw), writeable=False)
+@njit(cache=True)
+def _im2col_chunk(xp, n0, kh_in, kw_in, s_in, cols):
+    """``cols [m, C*kh*kw, Ho*Wo]``: image ``n0 + n``'s im2col matrix in NCHW order,
+    ``cols[n, (c*kh + i)*kw + j, y*Wo + x] = xp[n0 + n, c, s*y + i, s*x + j]``. Unsigned indices:
+    no negative-index checks, so the copy runs 2-4x faster than NumPy's copy of the strided view."""
+    m, _, howo = cols.shape
+    ch = xp.shape[1]
+    kh, kw, s = uint64(kh_in), uint64(kw_in), uint64(s_in)
+    wo = uint64(xp.shape[3] - kw_in) // s + uint64(1)
+    ho = uint64(howo) // wo
+    for n in range(uint64(m)):
+        src_n = uint64(n0) + n
+        for c in range(uint64(ch)):
+            for i in range(kh):
+                for j in range(kw):
+                    row = (c * kh + i) * kw + j
+                    for y in range(ho):
+                        for x in range(wo):
+                            cols[n, row, y * wo + x] = xp[src_n, c, s * y + i, s * x + j]
 
 
 def _chunks(xp, kh, kw, s, ho, wo):
     """``(n0, cols)`` per chunk of images: ``cols [n, C*kh*kw, Ho*Wo]``, each image's im2col
-    matrix in NCHW order (rows ``(c, i, j)``, columns ``(y, x)``), copied from the view."""
+    matrix in NCHW order (rows ``(c, i, j)``, columns ``(y, x)``), one buffer reused."""
     n, c = xp.shape[:2]
     step = max(1, CHUNK_BYTES // (c * kh * kw * ho * wo * xp.itemsize))
-    win = _windows(xp, kh, kw, s, ho, wo)
+    buf = np.empty((min(step, n), c * kh * kw, ho * wo), xp.dtype)
     for n0 in range(0, n, step):
-        yield n0, win[n0:n0 + step].reshape(-1, c * kh * kw, ho * wo)
+        cols = buf[:min(step, n - n0)]
+        _im2col_chunk(xp, n0, kh, kw, s, cols)
+        yield n0, cols
 
 
 def _gemm_conv(xp, w, s, ho, wo):
@@ -256,38 +272,83 @@ def conv2d_backward(dout, cache):
 # Pooling: the reference's sums in the reference's order (bit for bit)
 # ---------------------------------------------------------------------------------------------
 
+# The pooling loops index with unsigned integers: a signed index would be checked for negative
+# (wrap-around) values at every access, which on 8x8 planes cost more than the pooling itself
+# (unsigned: 6-17x faster, the same operations).
+
 @njit(cache=True, parallel=True)
-def _maxpool_forward(x, k, s, ho, wo, out, arg):
+def _maxpool_forward(x, k_in, s_in, ho, wo, out, arg):
     n_img, ch = x.shape[:2]
+    k, s = uint64(k_in), uint64(s_in)     # new names: reassigning would make them float64
     for n in prange(n_img):
-        for c in range(ch):
-            src = x[n, c]
-            for y in range(ho):
-                for xo in range(wo):
-                    best, besti = src[s * y, s * xo], 0
+        nu = uint64(n)
+        for c in range(uint64(ch)):
+            for y in range(uint64(ho)):
+                for xo in range(uint64(wo)):
+                    y0, x0 = s * y, s * xo
+                    best, besti = x[nu, c, y0, x0], uint64(0)
                     for i in range(k):
                         for j in range(k):
-                            v = src[s * y + i, s * xo + j]
+                            v = x[nu, c, y0 + i, x0 + j]
                             # argmax's rule: the first maximum, and the first NaN if any
-                            if v > best or (v != v and best == best):
-                                best, besti = v, i * k + j
-                    out[n, c, y, xo], arg[n, c, y, xo] = best, besti
+                            take = (v > best) | ((v != v) & (best == best))
+                            besti = i * k + j if take else besti
+                            best = v if take else best
+                    out[nu, c, y, xo], arg[nu, c, y, xo] = best, besti
 
 
 @njit(cache=True, parallel=True)
-def _maxpool_backward(dout, arg, k, s, dx):
-    n_img, ch, ho, wo = dout.shape
+def _maxpool2_forward(x, out, arg):
+    # _maxpool_forward for k = s = 2 (MaxPool2d(2), the models' pooling), unrolled: 5-7x faster
+    n_img, ch, ho, wo = out.shape
+    one = uint64(1)
     for n in prange(n_img):
-        for c in range(ch):
-            dst, g, a = dx[n, c], dout[n, c], arg[n, c]
+        nu = uint64(n)
+        for c in range(uint64(ch)):
+            for y in range(uint64(ho)):
+                y0 = y * uint64(2)
+                for xo in range(uint64(wo)):
+                    x0 = xo * uint64(2)
+                    best, besti = x[nu, c, y0, x0], 0
+                    v = x[nu, c, y0, x0 + one]
+                    if v > best or (v != v and best == best):
+                        best, besti = v, 1
+                    v = x[nu, c, y0 + one, x0]
+                    if v > best or (v != v and best == best):
+                        best, besti = v, 2
+                    v = x[nu, c, y0 + one, x0 + one]
+                    if v > best or (v != v and best == best):
+                        best, besti = v, 3
+                    out[nu, c, y, xo], arg[nu, c, y, xo] = best, besti
+
+
+@njit(cache=True, parallel=True)
+def _maxpool_backward(dout, arg, k_in, s_in, dx):
+    n_img, ch, ho, wo = dout.shape
+    k, s = uint64(k_in), uint64(s_in)     # new names: reassigning would make them float64
+    zero = dx.dtype.type(0.0)
+    for n in prange(n_img):
+        nu = uint64(n)
+        for c in range(uint64(ch)):
+            if k == s:          # windows do not overlap: each input gets 0 + (its gradient or 0)
+                if s * uint64(ho) < dx.shape[2] or s * uint64(wo) < dx.shape[3]:
+                    dx[n, c] = 0                    # rows or columns no window covers
+                for y in range(uint64(ho)):
+                    for xo in range(uint64(wo)):
+                        g, t = zero + dout[nu, c, y, xo], uint64(arg[nu, c, y, xo])
+                        for i in range(k):
+                            for j in range(k):
+                                dx[nu, c, s * y + i, s * xo + j] = g if t == i * k + j else zero
+                continue
+            dst = dx[n, c]
             dst[:] = 0
             for i in range(k):           # offsets outermost, as the reference's scatter adds
                 for j in range(k):
                     t = i * k + j
-                    for y in range(ho):
-                        for xo in range(wo):
-                            if a[y, xo] == t:
-                                dst[s * y + i, s * xo + j] += g[y, xo]
+                    for y in range(uint64(ho)):
+                        for xo in range(uint64(wo)):
+                            if uint64(arg[nu, c, y, xo]) == t:
+                                dst[s * y + i, s * xo + j] += dout[nu, c, y, xo]
 
 
 @njit(cache=True, parallel=True)
@@ -327,7 +388,10 @@ def maxpool_forward(x, k=2, stride=None):
     n, c, h, w = x.shape
     ho, wo = conv_output_size(h, k, s, 0), conv_output_size(w, k, s, 0)
     out, arg = np.empty((n, c, ho, wo), x.dtype), np.empty((n, c, ho, wo), np.intp)
-    _maxpool_forward(np.ascontiguousarray(x), k, s, ho, wo, out, arg)
+    if k == s == 2:
+        _maxpool2_forward(np.ascontiguousarray(x), out, arg)
+    else:
+        _maxpool_forward(np.ascontiguousarray(x), k, s, ho, wo, out, arg)
     return out, (x.shape, arg, k, s)
 
 
@@ -359,15 +423,28 @@ def avgpool_backward(dout, cache):
 # Thread policy
 # ---------------------------------------------------------------------------------------------
 
+# Measured on the project's 2-core machine while another job used one core (ms per dense
+# training step): a second BLAS thread made every model 3-40x slower (digits small CNN at batch
+# 64: 37 -> 1050 ms; LeNet-5 at batch 128: 43 -> 121 ms; ``benchmarks/bench_train.py
+# --thread-policy``), because a pool's idle threads spin on the cores others need. A second Numba
+# thread gave 0.6-1.7x, varying from run to run and between separate processes and interleaved
+# rounds in one, so it buys nothing dependable. One thread each, then.
+TRAINING_THREADS = 1
+
+
 @contextmanager
-def training_threads(n_numba):
-    """Run the block with ``n_numba`` threads in the Numba pool (the conv and pooling kernels),
-    restoring the previous count afterwards. BLAS (the Linear layers) keeps its own pool; set it
-    before NumPy loads (``OPENBLAS_NUM_THREADS``) or with ``threadpoolctl``. The two pools never
-    run at the same time: each layer finishes before the next starts."""
+def training_threads(n_numba=TRAINING_THREADS, n_blas=TRAINING_THREADS):
+    """Run the block with ``n_numba`` threads in the Numba pool (the conv, pooling and
+    batch-norm kernels) and ``n_blas`` in BLAS's (the GEMMs and Linear layers; through
+    threadpoolctl), restoring both afterwards; ``None`` leaves a pool as it is. The layers run one
+    after the other, so the two pools never compute at the same time, but their idle threads
+    spin: one thread each (``TRAINING_THREADS``) is the only setting that stays fast when the
+    machine is shared."""
     before = numba.get_num_threads()
-    numba.set_num_threads(n_numba)
+    if n_numba is not None:
+        numba.set_num_threads(n_numba)
     try:
-        yield
+        with threadpool_limits(n_blas, user_api="blas"):
+            yield
     finally:
         numba.set_num_threads(before)

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from ..im2col import col2im, conv_output_size, im2col, receptive_fields
-from ..kernels import conv_train, rowsparse_matmul
+from ..kernels import batchnorm, conv_train, rowsparse_matmul
 from ..kernels.rowsparse import rowsparse_matmul_input_grad, rowsparse_wins
 
 
@@ -529,7 +529,7 @@ class GlobalAvgPool(Layer):
 # Batch normalisation
 # ---------------------------------------------------------------------------------------------
 
-def batchnorm_forward(x, gamma, beta, mean=None, var=None, eps=1e-5):
+def batchnorm_forward_reference(x, gamma, beta, mean=None, var=None, eps=1e-5):
     """Normalise each feature (``[N, F]``) or channel (``[N, C, H, W]``), then scale and shift.
 
     With ``mean``/``var`` given (eval mode) those statistics are used; otherwise the batch's own
@@ -551,7 +551,7 @@ def batchnorm_forward(x, gamma, beta, mean=None, var=None, eps=1e-5):
     return out, (xhat, gamma, inv_std, axes, shape, use_batch, mean, var)
 
 
-def batchnorm_backward(dout, cache):
+def batchnorm_backward_reference(dout, cache):
     """``dout`` (shape of x) -> ``dx, dgamma [F], dbeta [F]``.
 
     In training mode the batch statistics depend on x, which adds the two mean terms; in eval
@@ -568,6 +568,26 @@ def batchnorm_backward(dout, cache):
         m * dxhat - dxhat.sum(axis=axes).reshape(shape)
         - xhat * (dxhat * xhat).sum(axis=axes).reshape(shape))
     return dx, dgamma, dbeta
+
+
+def batchnorm_forward(x, gamma, beta, mean=None, var=None, eps=1e-5):
+    """Same arguments, output and cache as ``batchnorm_forward_reference``, bit for bit; the
+    training mode of a C-contiguous ``[N, C, H, W]`` input runs ``kernels.batchnorm`` (one pass
+    per channel, no temporaries) where it follows NumPy's order of additions and pays
+    (``kernel_pays``), everything else the reference."""
+    if mean is not None or not batchnorm.kernel_pays(x):
+        return batchnorm_forward_reference(x, gamma, beta, mean, var, eps)
+    out, xhat, mean, var, inv_std = batchnorm.batchnorm_forward_train(x, gamma, beta, eps)
+    return out, (xhat, gamma, inv_std, (0, 2, 3), (1, -1, 1, 1), True, mean, var)
+
+
+def batchnorm_backward(dout, cache):
+    """Same as ``batchnorm_backward_reference``, bit for bit (the kernel in training mode on
+    ``[N, C, H, W]``)."""
+    xhat, gamma, inv_std, _, _, use_batch, _, _ = cache
+    if not use_batch or not batchnorm.kernel_pays(dout):
+        return batchnorm_backward_reference(dout, cache)
+    return batchnorm.batchnorm_backward_train(dout, xhat, gamma, inv_std)
 
 
 def _batchnorm_step(layer, x, gamma, beta, running_mean, running_var, override=None):

@@ -14,6 +14,7 @@ from tqdm import tqdm  # the plain bar: tqdm.auto warns in notebooks without ipy
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.batching import iterate_minibatches
+from ..kernels.conv_train import TRAINING_THREADS, training_threads
 from .layers import eval_mode
 from ..validate import check_int
 from .losses import softmax_cross_entropy
@@ -83,7 +84,7 @@ RESUMABLE_CHANGES = frozenset({"epochs", "out", "resume", "force", "quiet", "dat
 
 def fit(model, optimizer, x_train, y_train, x_val=None, y_val=None, *, epochs, batch_size=128,
         schedule=None, seed=0, step=dense_step, quiet=False, checkpoint_path=None, resume=None,
-        meta=None, label=""):
+        meta=None, label="", threads=TRAINING_THREADS):
     """Train ``model`` with ``optimizer`` for ``epochs`` epochs of shuffled mini-batches.
 
     Parameters
@@ -106,6 +107,10 @@ def fit(model, optimizer, x_train, y_train, x_val=None, y_val=None, *, epochs, b
         configuration must match ``meta`` (``RESUMABLE_CHANGES`` aside), or it is refused.
     meta : dict, optional
         Extra JSON metadata stored in checkpoints (e.g. how to rebuild the model).
+    threads : int or None
+        Threads of BLAS and of the Numba pool while training (``conv_train.training_threads``;
+        1 by default, the only setting that stays fast on a shared 2-core machine; None leaves
+        both pools as they are). Results do not depend on it.
 
     Returns
     -------
@@ -130,43 +135,44 @@ def fit(model, optimizer, x_train, y_train, x_val=None, y_val=None, *, epochs, b
                                 may_differ=RESUMABLE_CHANGES)
         history = saved["history"]
         start = len(history)
-    per_epoch = steps_per_epoch(len(x_train), batch_size)
-    for epoch in range(start, epochs):
-        t0 = time.perf_counter()
-        model.train()
-        rng = np.random.default_rng([seed, epoch])
-        total_loss = total_correct = seen = 0
-        name = f"{label}, epoch {epoch + 1}/{epochs}" if label else f"epoch {epoch + 1}/{epochs}"
-        bar = tqdm(iterate_minibatches(x_train, y_train, batch_size, rng), total=per_epoch,
-                   desc=name, disable=quiet or not sys.stderr.isatty(), leave=False)
-        for i, (xb, yb) in enumerate(bar):
-            global_step = epoch * per_epoch + i
-            if schedule is not None:
-                optimizer.lr = schedule(global_step)
-            loss, correct, grads = step(model, xb, yb)
-            first_loss = loss if first_loss is None else first_loss
-            if not np.isfinite(loss) or abs(loss) > DIVERGENCE_FACTOR * max(abs(first_loss), 1.0):
-                raise FloatingPointError(
-                    f"loss became {loss:.4g} at epoch {epoch + 1}, step {i + 1} (global step "
-                    f"{global_step}), {first_loss:.4g} at the first step: training diverged; lower "
-                    f"the learning rate or check the data for NaN")
-            optimizer.step(model.parameters(), grads)
-            total_loss += loss * len(yb)
-            total_correct += correct
-            seen += len(yb)
-            if not quiet and i % 10 == 0:
-                bar.set_postfix(loss=f"{loss:.4f}")
-        record = {"epoch": epoch + 1, "lr": float(optimizer.lr),
-                  "train_loss": total_loss / seen, "train_acc": total_correct / seen}
-        if x_val is not None:
-            record["val_loss"], record["val_acc"] = evaluate(model, x_val, y_val)
-        record["seconds"] = time.perf_counter() - t0
-        history.append(record)
-        if not quiet:
-            val = f", val acc {record['val_acc']:.4f}" if x_val is not None else ""
-            tqdm.write(f"{name}: loss {record['train_loss']:.4f}, "
-                       f"train acc {record['train_acc']:.4f}{val} ({record['seconds']:.1f} s)")
-        if checkpoint_path is not None:
-            save_checkpoint(checkpoint_path, model, optimizer,
-                            {**(meta or {}), "history": history, "seed": seed})
+    with training_threads(threads, threads):
+        per_epoch = steps_per_epoch(len(x_train), batch_size)
+        for epoch in range(start, epochs):
+            t0 = time.perf_counter()
+            model.train()
+            rng = np.random.default_rng([seed, epoch])
+            total_loss = total_correct = seen = 0
+            name = f"{label}, epoch {epoch + 1}/{epochs}" if label else f"epoch {epoch + 1}/{epochs}"
+            bar = tqdm(iterate_minibatches(x_train, y_train, batch_size, rng), total=per_epoch,
+                       desc=name, disable=quiet or not sys.stderr.isatty(), leave=False)
+            for i, (xb, yb) in enumerate(bar):
+                global_step = epoch * per_epoch + i
+                if schedule is not None:
+                    optimizer.lr = schedule(global_step)
+                loss, correct, grads = step(model, xb, yb)
+                first_loss = loss if first_loss is None else first_loss
+                if not np.isfinite(loss) or abs(loss) > DIVERGENCE_FACTOR * max(abs(first_loss), 1.0):
+                    raise FloatingPointError(
+                        f"loss became {loss:.4g} at epoch {epoch + 1}, step {i + 1} (global step "
+                        f"{global_step}), {first_loss:.4g} at the first step: training diverged; lower "
+                        f"the learning rate or check the data for NaN")
+                optimizer.step(model.parameters(), grads)
+                total_loss += loss * len(yb)
+                total_correct += correct
+                seen += len(yb)
+                if not quiet and i % 10 == 0:
+                    bar.set_postfix(loss=f"{loss:.4f}")
+            record = {"epoch": epoch + 1, "lr": float(optimizer.lr),
+                      "train_loss": total_loss / seen, "train_acc": total_correct / seen}
+            if x_val is not None:
+                record["val_loss"], record["val_acc"] = evaluate(model, x_val, y_val)
+            record["seconds"] = time.perf_counter() - t0
+            history.append(record)
+            if not quiet:
+                val = f", val acc {record['val_acc']:.4f}" if x_val is not None else ""
+                tqdm.write(f"{name}: loss {record['train_loss']:.4f}, "
+                           f"train acc {record['train_acc']:.4f}{val} ({record['seconds']:.1f} s)")
+            if checkpoint_path is not None:
+                save_checkpoint(checkpoint_path, model, optimizer,
+                                {**(meta or {}), "history": history, "seed": seed})
     return history
