@@ -138,23 +138,18 @@ def _conv_backward_weight(dout, xp, s, kh, kw, dw):
 
 
 @njit(cache=True)
-def _col2im_add(dcols, s, dxp):
+def _col2im_add(dcols, s_in, dxp):
     # dxp[n, c, s*y + i, s*x + j] += dcols[n, c, i, j, y, x]: offsets (i, j) outermost, as the
-    # reference's scatter adds; element loops over whole rows (no short slice assignments).
+    # reference's scatter adds; unsigned indices (no negative-index checks: 2-3x faster).
     n_img, ch, kh, kw, ho, wo = dcols.shape
-    for n in range(n_img):
-        for c in range(ch):
-            dst = dxp[n, c]
-            for i in range(kh):
-                for j in range(kw):
-                    for y in range(ho):
-                        src, drow = dcols[n, c, i, j, y], dst[s * y + i]
-                        if s == 1:
-                            for x in range(wo):
-                                drow[j + x] += src[x]
-                        else:
-                            for x in range(wo):
-                                drow[s * x + j] += src[x]
+    s = uint64(s_in)
+    for n in range(uint64(n_img)):
+        for c in range(uint64(ch)):
+            for i in range(uint64(kh)):
+                for j in range(uint64(kw)):
+                    for y in range(uint64(ho)):
+                        for x in range(uint64(wo)):
+                            dxp[n, c, s * y + i, s * x + j] += dcols[n, c, i, j, y, x]
 
 
 # Images per BLAS chunk: about this many bytes of im2col columns, so that one chunk's columns
@@ -208,7 +203,13 @@ def _gemm_conv(xp, w, s, ho, wo):
 
 
 def _pad(x, p):
-    return np.pad(x, ((0, 0), (0, 0), (p, p), (p, p))) if p else np.ascontiguousarray(x)
+    """``x`` zero-padded by ``p`` on both sides of H and W (a copy; ``np.pad`` costs 3x more)."""
+    if not p:
+        return np.ascontiguousarray(x)
+    n, c, h, w = x.shape
+    xp = np.zeros((n, c, h + 2 * p, w + 2 * p), x.dtype)
+    xp[:, :, p:p + h, p:p + w] = x
+    return xp
 
 
 def conv2d_forward(x, w, b, stride=1, padding=0, direct=False):
