@@ -7,13 +7,15 @@ transposes the result; its backward pass runs two more GEMMs and scatters ``dcol
 ``col2im``. Those copies cost more than the arithmetic on this project's small images.
 
 **Per-image GEMMs** (``conv2d_forward``'s default): each image's im2col matrix
-``cols_n [C_in*kh*kw, Ho*Wo]`` is copied from a strided view of the padded input, a chunk of
-images at a time small enough to stay in cache (``CHUNK_BYTES``), and ``W @ cols_n`` writes the
-output in NCHW directly. Backward: ``dw += dout_n @ cols_n.T``, ``dcols_n = W.T @ dout_n``, and
-``_col2im_add`` (a Numba loop) adds ``dcols`` back into the padded input gradient. Measured on
-the ``bench_train.py`` layers (float32, one thread, a loaded 2-core machine; forward and
-backward): 0.2-0.7x the reference's time, and 0.1-0.8x the direct loops' (0.3-0.8x on every
-LeNet-5, small-CNN and ResNet layer), so the direct loops run only on request.
+``cols_n [C_in*kh*kw, Ho*Wo]`` is copied from the padded input by a Numba loop
+(``_im2col_chunk``), a chunk of images at a time small enough to stay in cache
+(``CHUNK_BYTES``), and ``W @ cols_n`` (NumPy's stacked matmul: one BLAS GEMM per image) writes
+the output in NCHW directly. Backward: ``dw += dout_n @ cols_n.T`` image by image,
+``dcols_n = W.T @ dout_n``, and ``_col2im_add`` (a Numba loop) adds ``dcols`` back into the
+padded input gradient. Measured on the ``bench_train.py`` layers (float32, one thread, a loaded
+2-core machine; forward and backward): 0.2-0.7x the reference's time, and 0.1-0.8x the direct
+loops' (0.3-0.8x on every LeNet-5, small-CNN and ResNet layer), so the direct loops run only on
+request.
 
 **Direct loops** (``direct=True``) compute the same sums directly on the zero-padded input:
 
@@ -197,8 +199,7 @@ def _gemm_conv(xp, w, s, ho, wo):
     out = np.empty((len(xp), c_out, ho * wo), xp.dtype)
     wm = w.reshape(c_out, -1)
     for n0, cols in _chunks(xp, kh, kw, s, ho, wo):
-        for i in range(len(cols)):      # one 2-D GEMM per image: NumPy's stacked matmul
-            np.matmul(wm, cols[i], out=out[n0 + i])     # took 1.4x as long
+        np.matmul(wm, cols, out=out[n0:n0 + len(cols)])     # stacked: one BLAS GEMM per image
     return out.reshape(len(xp), c_out, ho, wo)
 
 
@@ -262,7 +263,7 @@ def conv2d_backward(dout, cache):
             for i in range(len(cols)):      # NumPy's stacked matmul does not call BLAS with a
                 np.matmul(dc[i], cols[i].T, out=part)   # transposed operand (9x slower)
                 dw += part
-                np.matmul(wmt, dc[i], out=dcols[i])
+            np.matmul(wmt, dc, out=dcols)
             _col2im_add(dcols.reshape(len(cols), c_in, kh, kw, ho, wo), stride, dxp[n0:n0 + len(cols)])
         dw = dw.reshape(w.shape)
     dx = dxp[:, :, p:p + x_shape[2], p:p + x_shape[3]] if p else dxp
