@@ -16,13 +16,13 @@ asserts ``array_equal`` on random shapes in float32 and float64):
 * Every element-wise expression keeps the reference's operand order and dtype (``eps`` and the
   count ``m`` are cast to the array's type first, as NumPy's weak Python scalars are).
 
-The channels are independent, so the loops over ``c`` run in parallel (``prange``) and the result
-does not depend on the thread count.
+The loops over channels are serial: training runs one Numba thread (``conv_train.TRAINING_THREADS``),
+and a parallel kernel takes twice as long to compile.
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, uint64
+from numba import njit, uint64
 
 PAIRWISE_BLOCK = 128        # NumPy's PW_BLOCKSIZE
 NUMPY_BUFSIZE = 8192        # NumPy's reductions sum runs longer than this in buffer-sized pieces
@@ -111,11 +111,11 @@ def _pairwise(a, frames, left):
 # all the sums that need it. Element loops run over 1-D slices from 0: indexing the 3-D arrays
 # directly keeps the compiler from vectorizing (negative-index checks).
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def _forward_train(x, gamma, beta, eps, out, xhat, mean, var, inv_std):
     n_img, ch, hw = x.shape
     one, zero, m = x.dtype.type(1.0), x.dtype.type(0.0), np.float64(n_img * hw)
-    for c in prange(ch):
+    for c in range(ch):
         frames, left = np.empty((64, 3), np.int64), np.empty(64, x.dtype)     # 64 halvings
         dev = np.empty(hw, x.dtype)                  # one plane of (x - mean)**2
         total = zero
@@ -140,11 +140,11 @@ def _forward_train(x, gamma, beta, eps, out, xhat, mean, var, inv_std):
         mean[c], var[c], inv_std[c] = mu, v, s
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def _backward_train(dout, xhat, gamma, inv_std, dx, dgamma, dbeta):
     n_img, ch, hw = dout.shape
     mf, zero = dout.dtype.type(n_img * hw), dout.dtype.type(0.0)
-    for c in prange(ch):
+    for c in range(ch):
         frames, left = np.empty((64, 3), np.int64), np.empty(64, dout.dtype)
         prod, dxhat, dxhat_xhat = np.empty(hw, dout.dtype), np.empty(hw, dout.dtype), np.empty(hw, dout.dtype)
         db, dg, s1, s2 = zero, zero, zero, zero
