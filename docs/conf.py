@@ -4,8 +4,8 @@ Build it from the repository root (``pip install ".[docs]"`` first)::
 
     python -m sphinx -W --keep-going -c docs -b html . build/docs/html
 
-Every tutorial is executed during the build with ``MINIDRESS_FAST=1``; a cell that raises fails
-the build. Nothing is fetched from the network: the theme bundles its assets, MathJax is copied
+Every tutorial is executed during the build with ``MINIDRESS_FAST=1`` and one BLAS/OpenMP
+thread; a cell that raises fails the build. Nothing is fetched from the network: the theme bundles its assets, MathJax is copied
 from the ``django-static-mathjax`` wheel, and intersphinx is not used.
 """
 import importlib
@@ -26,6 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # The tutorials train for a few epochs only: the kernels inherit this variable.
 os.environ["MINIDRESS_FAST"] = "1"
+# One thread per pool in the kernels, as minidress trains (kernels.conv_train.TRAINING_THREADS):
+# on the shared 2-core build machine a second BLAS thread made steps and dense products 3-40x
+# slower (benchmarks/README.md, thread policy). The kernels read these when NumPy loads.
+for _pool in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_pool, "1")
 
 project = "minidress"
 author = "the minidress authors"
@@ -149,7 +154,7 @@ docs/api/index
 
 FAST_NOTE = ("```{note}\nThis page was executed while the site was built, with "
              "`MINIDRESS_FAST=1` set: every training runs for a few epochs only, so plots and "
-             "numbers are rougher than in a full run. Use the download button at the top of the "
+             "numbers are rougher than in a full run, and every library ran one thread. Use the download button at the top of the "
              "page to get the notebook and run it yourself (with or without `MINIDRESS_FAST=1`)."
              "\n```")
 
