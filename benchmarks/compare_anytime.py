@@ -295,11 +295,12 @@ def step_times(args):
         xb = rng.standard_normal((cfg.batch_size, *shape)).astype(np.float32)
         yb = rng.integers(0, 10, cfg.batch_size)
         k, steps = len(cfg.levels), 100
-        dense_first_last = cfg.dress.dense_first_last
+        layers = {"dense_first_last": cfg.dress.dense_first_last,      # DRESS's sparsified layers
+                  "dense_layers": cfg.dress.dense_layers}
         peers = {"DRESS": Dress(copy.deepcopy(base), cfg.dress_for(steps)),
                  "alternating": Alternating(copy.deepcopy(base), cfg.dress_for(k * steps)),
-                 "LCS+P": LCSPoint(copy.deepcopy(base), dense_first_last=dense_first_last),
-                 "LCS+L": LCSLine(copy.deepcopy(base), dense_first_last=dense_first_last),
+                 "LCS+P": LCSPoint(copy.deepcopy(base), **layers),
+                 "LCS+L": LCSLine(copy.deepcopy(base), **layers),
                  "US-Nets": USNet(copy.deepcopy(base), shape, width_min=0.25, n_per_step=k)}
         fns, passes = {}, {}
         for name, peer in peers.items():

@@ -48,7 +48,7 @@ DENSE_LAYERS = ("first_last", "small")
 SMALL_ROW = 27      # dense_layers="small": a first layer with rows this short stays dense
 DEFAULT_LEVELS = (1.0, 0.5, 0.25, 0.1)
 # What runs from before these options existed did, so that their checkpoints resume as they ran.
-BEFORE_RECORDED = {"resample_until": 0, "sample_prob": 0.0}
+BEFORE_RECORDED = {"resample_until": 0, "sample_prob": 0.0, "dense_layers": "first_last"}
 
 
 def _numbers(text):
@@ -127,9 +127,10 @@ class DressOptions:
     dense_first_last: bool = _option(True, "sparsify every layer (dense_layers is then unused)",
                                      flag="--sparsify-all", invert=True)
     dense_layers: str = _option(
-        "first_last", "which layers stay dense (unless --sparsify-all): first_last, the first "
-                      f"layer and the classifier; small, the classifier and a first layer with rows "
-                      f"of at most {SMALL_ROW} weights (a 3x3 conv on 1-3 channels)",
+        "small", "which layers stay dense (unless --sparsify-all): small (the default), the "
+                 f"classifier and a first layer with rows of at most {SMALL_ROW} weights (a 3x3 conv "
+                 "on 1-3 channels), so an MLP's first layer, most of its MACs, is sparsified; "
+                 "first_last, the first layer and the classifier (the default until this version)",
         choices=DENSE_LAYERS)
     kernel_max_density: float = _option(
         0.0, "Linear layers of levels at or below this density train through the row-sparse kernels "
@@ -210,6 +211,8 @@ def sparsifiable_layers(model, dense_first_last=True, dense_layers="first_last")
     with ``dense_layers="first_last"``; with ``"small"`` the first stays dense only if its rows
     hold at most ``SMALL_ROW`` weights. Why: a 3x3 conv on one channel keeps one weight per row
     at density 0.05 and costs few MACs anyway, while an MLP's first layer holds most of its MACs.
+    ``DressOptions`` defaults to ``"small"``; this function's default stays ``"first_last"``, the
+    rule of callers that pass ``dense_first_last`` only (``minidress.pruning``).
     """
     found = [(name.rstrip("."), layer) for name, layer in model.named_layers()
              if isinstance(layer, (Linear, Conv2d))]

@@ -181,7 +181,7 @@ def test_soft_cross_entropy_matches_torch(rng):
 def test_lcs_point_densities_and_layerwise_masks(digits):
     x, y = digits[0][:64], digits[1][:64]
     model = digits_mlp()
-    lcs = LCSPoint(model, d_min=0.025, warmup_steps=3, seed=5)
+    lcs = LCSPoint(model, d_min=0.025, warmup_steps=3, dense_layers="first_last", seed=5)
     assert list(lcs.layers) == ["4"]                           # first and last layer stay dense
     assert [lcs.sample_density(t) for t in range(3)] == [1.0] * 3
     drawn = np.array([lcs.sample_density(t) for t in range(3, 4003)])
@@ -412,13 +412,15 @@ def test_alternating_scales_a_level_by_its_lambda(rng):
 
 def test_alternating_trains_saves_and_loads(digits, tmp_path):
     x, y, xt, yt = digits
-    alt = Alternating(digits_mlp(seed=1), levels=(1.0, 0.5, 0.25, 0.1))
+    # The layers of the default before "small" (from scratch, 4 epochs do not halve the loss of a
+    # 64-input first layer kept at 6 weights per row); what is tested is the alternation.
+    alt = Alternating(digits_mlp(seed=1), levels=(1.0, 0.5, 0.25, 0.1), dense_layers="first_last")
     before = [alt.evaluate(xt, yt, d)[0] for d in alt.levels]
     train(alt, x, y, epochs=4)
     after = [alt.evaluate(xt, yt, d)[0] for d in alt.levels]
     assert all(a < 0.5 * b for a, b in zip(after, before)), (before, after)
     alt.save(tmp_path / "alt.npz")
-    again = Alternating(digits_mlp(seed=9), levels=(1.0, 0.5, 0.25, 0.1))
+    again = Alternating(digits_mlp(seed=9), levels=(1.0, 0.5, 0.25, 0.1), dense_layers="first_last")
     again.load(tmp_path / "alt.npz")
     assert again.steps_done == alt.steps_done
     assert np.array_equal(outputs(again, xt, 0.1), outputs(alt, xt, 0.1))
@@ -582,6 +584,17 @@ def test_comparison_gives_every_method_the_same_budget(comparison, tmp_path):
         assert f"| {name} |" in table
     plot_comparison([r], tmp_path / "cmp.png")
     assert (tmp_path / "cmp.png").stat().st_size > 0
+
+
+def test_comparison_records_dress_and_lcs_d_min_apart():
+    """DRESS's d_min (sampling) and LCS's (its sparsest density) are different options; the
+    result's config once recorded LCS's under DRESS's name, so a run read back lost DRESS's."""
+    from minidress.dress import DressOptions
+    cfg = RunConfig(model="mlp", hidden=(8, 8), pretrain_epochs=0, epochs=1, quiet=True,
+                    train_subset=128, test_subset=64, baselines=False, dress=DressOptions(d_min=0.05))
+    r = run_comparison(cfg, peers=(), d_min=0.02)
+    assert r["config"]["d_min"] == 0.05 and r["config"]["lcs_d_min"] == 0.02
+    assert DressOptions.from_config(r["config"]).d_min == 0.05
 
 
 def test_comparison_is_reproducible_and_checks_its_input(comparison):

@@ -211,7 +211,9 @@ def test_dense_layers_small_sparsifies_a_wide_first_layer():
     assert list(sparsifiable_layers(wide, dense_layers="small")) == ["1", "3"]  # rows of 30 > 27
     assert list(sparsifiable_layers(wide, False, "small")) == ["1", "3", "5"]   # --sparsify-all
     cnn = small_cnn(seed=0)                            # a 3x3 conv on one channel: rows of 9
-    assert list(Dress(cnn, dense_layers="small").layers) == list(Dress(small_cnn(seed=0)).layers)
+    assert list(Dress(cnn).layers) == list(Dress(small_cnn(seed=0), dense_layers="first_last").layers)
+    assert DressOptions().dense_layers == "small"      # the default: an MLP's first layer is sparse
+    assert list(Dress(mlp([30, 8, 7, 3])).layers) == ["1", "3"]
 
 
 def test_old_configs_load_and_new_options_are_checked():
@@ -219,7 +221,8 @@ def test_old_configs_load_and_new_options_are_checked():
     old = {"levels": [1.0, 0.5], "lambdas": "uniform", "resample_every": 0, "ramp": "none",
            "ramp_steps": 0, "norm": "per_level", "dense_first_last": True, "epochs": 3}
     assert DressOptions.from_config(old) == DressOptions(levels=(1.0, 0.5), resample_every=0,
-                                                         resample_until=0, sample_prob=0.0)
+                                                         resample_until=0, sample_prob=0.0,
+                                                         dense_layers="first_last")
     assert DressOptions.from_config(asdict(DressOptions())) == DressOptions()
     # A run that recorded resample_until=110 (steps, before fractions existed) keeps it.
     assert DressOptions.from_config({**old, "resample_until": 110}).resample_until == 110

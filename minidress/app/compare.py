@@ -9,6 +9,10 @@
    every peer (``minidress.baselines``): alternating training of DRESS's levels, LCS+P, LCS+L
    and US-Nets.
 
+Every weight-sparse method sparsifies DRESS's layers: alternating and the single compressed
+networks take DRESS's options, and LCS+P and LCS+L get its ``dense_first_last`` and
+``dense_layers`` (``minidress.dress.sparsifiable_layers``), so a column compares the same layers.
+
 The budget is counted in sub-network forward/backward passes after pre-training. DRESS makes K
 per step (one per level) for ``cfg.epochs`` epochs; the peers that make one pass per step
 (alternating, LCS+P, LCS+L) get K times the epochs; US-Nets makes ``n = K`` per step for
@@ -86,7 +90,8 @@ def _make_peer(name, model, cfg, shape, steps_per_epoch, dress_macs, d_min, beta
         return peer, cfg.epochs * k, None
     if name in ("LCS+P", "LCS+L"):
         options = {"d_min": d_min, "warmup_steps": round(warmup_fraction * cfg.epochs * k * steps_per_epoch),
-                   "dense_first_last": cfg.dress.dense_first_last, "seed": cfg.seed}
+                   "dense_first_last": cfg.dress.dense_first_last,
+                   "dense_layers": cfg.dress.dense_layers, "seed": cfg.seed}
         peer = LCSPoint(model, **options) if name == "LCS+P" else LCSLine(model, beta=beta, **options)
         return peer, cfg.epochs * k, None
     plan = WidthPlan(copy.deepcopy(model), shape)
@@ -110,8 +115,9 @@ def run_comparison(cfg: experiment.RunConfig, densities=EVAL_DENSITIES, peers=PE
 
     Returns
     -------
-    dict with ``config``, ``dense_acc``, ``pretrain`` (passes, seconds), ``densities`` and
-    ``methods``: name -> ``points`` (one per density: ``density``, ``width`` (US-Nets), ``acc``
+    dict with ``config`` (``cfg``'s, DRESS's options among them, plus ``densities``, LCS's
+    ``lcs_d_min`` and ``beta``, ``warmup_fraction``), ``dense_acc``, ``pretrain`` (passes,
+    seconds), ``densities`` and ``methods``: name -> ``points`` (one per density: ``density``, ``width`` (US-Nets), ``acc``
     or None, ``macs``), ``bytes``, ``passes``, ``seconds`` (training wall time).
     """
     say = log or (lambda msg: None)
@@ -185,8 +191,9 @@ def run_comparison(cfg: experiment.RunConfig, densities=EVAL_DENSITIES, peers=PE
             accs = {d: by_level[d][key] for d in densities if d in by_level}
             methods[name] = {"points": points(accs, dress_macs), "bytes": main["bytes"][size],
                              "passes": passes, "seconds": seconds}
-    return {"config": {**cfg.to_json(steps_per_epoch), "densities": list(densities), "d_min": d_min, "beta": beta,
-                       "warmup_fraction": warmup_fraction},
+    # LCS's d_min under its own name: "d_min" is DRESS's (sampling's sparsest density).
+    return {"config": {**cfg.to_json(steps_per_epoch), "densities": list(densities), "lcs_d_min": d_min,
+                       "beta": beta, "warmup_fraction": warmup_fraction},
             "dataset": main["dataset"], "model": main["model"], "dense_acc": main["dense_acc"],
             "n_train": len(x_train), "n_test": len(x_test),
             "pretrain": {"passes": main["passes"]["pretrain"], "seconds": main["seconds"]["pretrain"]},

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from ..dress import Dress, DressOptions
+from ..dress import BEFORE_RECORDED, Dress, DressOptions
 from ..nn.train import dense_step
 from .common import Peer
 
@@ -56,6 +56,7 @@ class Alternating(Peer):
 
     kind = "alternating"
     counter = "dress_step"           # Dress's own step counter, so checkpoints are Dress's too
+    before_recorded = BEFORE_RECORDED  # as DressOptions.from_config reads an older run's config
 
     def __init__(self, model, options: DressOptions | None = None, **changes):
         self.dress = Dress(model, options, **changes)

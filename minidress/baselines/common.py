@@ -81,6 +81,9 @@ class Peer(StepCounter):
     kind = "peer"
     counter = "peer_step"
     passes_per_step = 1
+    # Options a checkpoint from an older version did not record, with the value that version
+    # behaved as, so that its checkpoints still load (and only into a peer that behaves so).
+    before_recorded: dict = {}
 
 
     def options(self) -> dict:
@@ -133,6 +136,8 @@ class Peer(StepCounter):
         if meta.get("peer", self.kind) != self.kind:
             raise ValueError(f"{path}: holds a {meta['peer']!r} peer, not a {self.kind!r}")
         stored, own = meta.get("options"), _jsonable(self.options())
+        if stored is not None:
+            stored = {**_jsonable(self.before_recorded), **stored}
         if stored is not None and stored != own:
             diff = sorted(k for k in set(stored) | set(own) if stored.get(k) != own.get(k))
             raise ValueError(f"{path}: options differ from this {self.kind}'s: "

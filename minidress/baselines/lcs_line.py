@@ -13,7 +13,7 @@ The recipe
 * The kept fraction is tied to ``a``: ``d(a) = d_min + (1 - d_min) * a`` (we chose this linear
   map: ``a = 0`` is the sparsest end, ``d_min``; ``a = 1`` the dense end). Masks are the
   layer-wise magnitude top-k of ``w(a)`` (``minidress.masks.layerwise_topk_mask``), in the same
-  layers as DRESS.
+  layers as DRESS (its ``dense_first_last`` and ``dense_layers``, passed on by the comparison).
 * Every step draws one ``a`` with biased end-point sampling: with probability ``endpoint_prob``
   (1/2) an end point, 0 or 1 with equal odds, otherwise uniform on [0, 1). One forward and one
   backward of ``w(a)`` per step; the chain rule sends ``(1 - a) * g`` to ``w0`` and ``a * g``
@@ -39,13 +39,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..dress import sparsifiable_layers
+from ..dress import DressOptions, sparsifiable_layers
 from ..nn.layers import Conv2d, Layer, Linear
 from ..masks import check_density, layerwise_topk_mask
 from ..nn.train import dense_step
 from ..validate import check_int, check_number
 from .common import Peer, batchnorms_of, check_seed, forget_recalibration, step_rng
-from .lcs_point import DEFAULT_D_MIN, check_d_min
+from .lcs_point import DEFAULT_D_MIN, check_d_min, check_dense_layers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +144,10 @@ class LCSLine(Peer):
     beta : float >= 0, weight of the ``cos^2`` regulariser (default 1)
     warmup_steps : int >= 0
     endpoint_prob : float in [0, 1], probability of drawing an end point (default 0.5)
-    dense_first_last : bool, keep the first layer and the classifier dense (as DRESS)
+    dense_first_last : bool, keep some layers dense (False: sparsify every layer), as DRESS
+    dense_layers : str, which layers stay dense when ``dense_first_last`` holds: "small" or
+        "first_last" (``minidress.dress.sparsifiable_layers``); default DRESS's default, and
+        the comparison passes DRESS's value
     seed : int >= 0, seeds the ``a`` drawn at every step
 
     Attributes
@@ -158,9 +161,10 @@ class LCSLine(Peer):
 
     kind = "lcs_line"
     counter = "lcs_step"
+    before_recorded = {"dense_layers": "first_last"}     # the only rule before it was an option
 
     def __init__(self, model, d_min=DEFAULT_D_MIN, beta=1.0, warmup_steps=0, endpoint_prob=0.5,
-                 dense_first_last=True, seed=0):
+                 dense_first_last=True, dense_layers=DressOptions.dense_layers, seed=0):
         self.d_min = check_d_min(d_min)
         self.beta = check_beta(beta)
         self.endpoint_prob = check_number("endpoint_prob", endpoint_prob, "in [0, 1]",
@@ -168,8 +172,9 @@ class LCSLine(Peer):
         self.warmup_steps = check_int(warmup_steps, "warmup_steps")
         self.seed = check_seed(seed)
         self.dense_first_last = bool(dense_first_last)
+        self.dense_layers = check_dense_layers(dense_layers)
         self.net = model
-        self.layers = sparsifiable_layers(model, self.dense_first_last)
+        self.layers = sparsifiable_layers(model, self.dense_first_last, self.dense_layers)
         self.batchnorms = batchnorms_of(model)       # before the ends copy the parameters
         self.model = LineNet(model)
         self.weight_names = [f"{name}weight" for name, layer in model.named_layers()
@@ -180,7 +185,7 @@ class LCSLine(Peer):
     def options(self) -> dict:
         return {"d_min": self.d_min, "beta": self.beta, "warmup_steps": self.warmup_steps,
                 "endpoint_prob": self.endpoint_prob, "dense_first_last": self.dense_first_last,
-                "seed": self.seed}
+                "dense_layers": self.dense_layers, "seed": self.seed}
 
     # -- the line ------------------------------------------------------------------------------
     def density_at(self, alpha) -> float:

@@ -19,8 +19,9 @@ The recipe
 
 What we chose
 -------------
-* Which layers are sparsified: the same as DRESS's (``minidress.dress.sparsifiable_layers``,
-  the first layer and the classifier dense by default), so both prune the same weights.
+* Which layers are sparsified: the same as DRESS's (``minidress.dress.sparsifiable_layers``
+  with DRESS's ``dense_first_last`` and ``dense_layers``, which the comparison passes on), so
+  both prune the same weights and a MACs column means the same layers for both.
 * The masks are recomputed from the current weights at every step (a full sort per layer, cheap
   at these sizes), not cached.
 * Batch norm: one shared set of affine parameters and running statistics for every density;
@@ -36,13 +37,21 @@ cannot exploit; see ``tutorials/06_anytime_peers.ipynb``.
 """
 from __future__ import annotations
 
-from ..dress import sparsifiable_layers
+from ..dress import DENSE_LAYERS, DressOptions, sparsifiable_layers
 from ..masks import check_density, layerwise_topk_mask
 from ..nn.train import dense_step
 from ..validate import check_int
 from .common import Peer, batchnorms_of, check_seed, forget_recalibration, step_rng
 
 DEFAULT_D_MIN = 0.025
+
+
+def check_dense_layers(dense_layers) -> str:
+    """``dense_layers`` as given, or a ValueError unless it is one of DRESS's rules
+    (``minidress.dress.DENSE_LAYERS``)."""
+    if dense_layers not in DENSE_LAYERS:
+        raise ValueError(f"dense_layers must be one of {DENSE_LAYERS}, got {dense_layers!r}")
+    return dense_layers
 
 
 def check_d_min(d_min) -> float:
@@ -60,7 +69,10 @@ class LCSPoint(Peer):
     model : minidress.nn.layers.Sequential, usually pre-trained dense
     d_min : float in (0, 1), the sparsest trained density (default 0.025)
     warmup_steps : int >= 0, dense steps before the random densities start
-    dense_first_last : bool, keep the first layer and the classifier dense (as DRESS)
+    dense_first_last : bool, keep some layers dense (False: sparsify every layer), as DRESS
+    dense_layers : str, which layers stay dense when ``dense_first_last`` holds: "small" or
+        "first_last" (``minidress.dress.sparsifiable_layers``); default DRESS's default, and
+        the comparison passes DRESS's value
     seed : int >= 0, seeds the density drawn at every step
 
     Attributes
@@ -71,21 +83,25 @@ class LCSPoint(Peer):
 
     kind = "lcs_point"
     counter = "lcs_step"
+    before_recorded = {"dense_layers": "first_last"}     # the only rule before it was an option
 
-    def __init__(self, model, d_min=DEFAULT_D_MIN, warmup_steps=0, dense_first_last=True, seed=0):
+    def __init__(self, model, d_min=DEFAULT_D_MIN, warmup_steps=0, dense_first_last=True,
+                 dense_layers=DressOptions.dense_layers, seed=0):
         self.d_min = check_d_min(d_min)
         self.warmup_steps = check_int(warmup_steps, "warmup_steps")
         self.seed = check_seed(seed)
         self.dense_first_last = bool(dense_first_last)
+        self.dense_layers = check_dense_layers(dense_layers)
         self.model = self.net = model
-        self.layers = sparsifiable_layers(model, self.dense_first_last)
+        self.layers = sparsifiable_layers(model, self.dense_first_last, self.dense_layers)
         self.batchnorms = batchnorms_of(model)
         self._start_counter()
         self.density = 1.0
 
     def options(self) -> dict:
         return {"d_min": self.d_min, "warmup_steps": self.warmup_steps,
-                "dense_first_last": self.dense_first_last, "seed": self.seed}
+                "dense_first_last": self.dense_first_last, "dense_layers": self.dense_layers,
+                "seed": self.seed}
 
     def sample_density(self, step) -> float:
         """The density trained at ``step``: 1 during the warm-up, then uniform on [d_min, 1)."""
