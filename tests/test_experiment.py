@@ -120,3 +120,12 @@ def test_every_dress_option_is_a_flag_of_minidress_train(capsys):
     assert dress_options(build_parser().parse_args(["train", "--sparsify-all", "--norm", "shared",
                                                     "--levels", "1,0.3"])) == \
         DressOptions(levels=(1.0, 0.3), norm="shared", dense_first_last=False)
+
+
+def test_plot_title_names_the_layers_that_stay_dense():
+    from minidress.app.report import sparsified_layers_note
+    assert sparsified_layers_note({"config": {"dense_first_last": False}}) == "every Linear/Conv2d layer sparse"
+    old_run = {"config": {"dense_first_last": True}}                  # before dense_layers existed
+    assert sparsified_layers_note(old_run) == "first layer and classifier dense, the others sparse"
+    small = {"config": {"dense_first_last": True, "dense_layers": "small"}}
+    assert sparsified_layers_note(small).startswith("classifier (and a first layer of short rows) dense")

@@ -58,8 +58,12 @@ def curve_ylim(result, margin=2.0) -> tuple:
 
 
 def sparsified_layers_note(result) -> str:
-    return ("every Linear/Conv2d layer sparse" if not result["config"]["dense_first_last"]
-            else "first layer and classifier dense, the others sparse")
+    config = result["config"]
+    if not config["dense_first_last"]:
+        return "every Linear/Conv2d layer sparse"
+    if config.get("dense_layers", "first_last") == "first_last":     # runs before the option
+        return "first layer and classifier dense, the others sparse"
+    return "classifier (and a first layer of short rows) dense, the others sparse"
 
 
 def plot_curve(result, path):
