@@ -430,7 +430,8 @@ def avgpool_backward(dout, cache):
 # 64: 37 -> 1050 ms; LeNet-5 at batch 128: 43 -> 121 ms; ``benchmarks/bench_train.py
 # --thread-policy``), because a pool's idle threads spin on the cores others need. A second Numba
 # thread gave 0.6-1.7x, varying from run to run and between separate processes and interleaved
-# rounds in one, so it buys nothing dependable. One thread each, then.
+# rounds in one, so it buys nothing dependable. Idle, a second thread bought at most 10-15%.
+# One thread each, then.
 TRAINING_THREADS = 1
 
 
