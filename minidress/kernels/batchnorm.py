@@ -17,12 +17,15 @@ asserts ``array_equal`` on random shapes in float32 and float64):
   count ``m`` are cast to the array's type first, as NumPy's weak Python scalars are).
 
 The loops over channels are serial: training runs one Numba thread (``conv_train.TRAINING_THREADS``),
-and a parallel kernel takes twice as long to compile.
+and a parallel kernel takes twice as long to compile. Both compile with ``rowsparse.noalias_njit``
+(their outputs, which the wrappers allocate, never overlap their inputs).
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, uint64
+
+from .rowsparse import noalias_njit
 
 PAIRWISE_BLOCK = 128        # NumPy's PW_BLOCKSIZE
 NUMPY_BUFSIZE = 8192        # NumPy's reductions sum runs longer than this in buffer-sized pieces
@@ -111,7 +114,7 @@ def _pairwise(a, frames, left):
 # all the sums that need it. Element loops run over 1-D slices from 0: indexing the 3-D arrays
 # directly keeps the compiler from vectorizing (negative-index checks).
 
-@njit(cache=True)
+@noalias_njit
 def _forward_train(x, gamma, beta, eps, out, xhat, mean, var, inv_std):
     n_img, ch, hw = x.shape
     one, zero, m = x.dtype.type(1.0), x.dtype.type(0.0), np.float64(n_img * hw)
@@ -140,7 +143,7 @@ def _forward_train(x, gamma, beta, eps, out, xhat, mean, var, inv_std):
         mean[c], var[c], inv_std[c] = mu, v, s
 
 
-@njit(cache=True)
+@noalias_njit
 def _backward_train(dout, xhat, gamma, inv_std, dx, dgamma, dbeta):
     n_img, ch, hw = dout.shape
     mf, zero = dout.dtype.type(n_img * hw), dout.dtype.type(0.0)

@@ -28,9 +28,13 @@ compiler turns into SIMD without ``fastmath`` (the weight gradient accumulates a
 partial sums, one per ``x``, and adds them up at the end, so no reduction needs reassociating).
 The only copy is the zero padding of the input (``np.pad``, one copy of ``x``).
 
-Parallel loops: the forward pass and the input gradient over images ``n``, the weight gradient
-over output channels ``o``. Each output element is written by one thread, in an order that does
-not depend on the thread count, so results are the same for any ``numba.set_num_threads``.
+Every loop here is serial: training runs one Numba thread (``TRAINING_THREADS``, measured
+below), and on a cold cache the ``parallel=True`` versions of these kernels took 4-6x as long to
+compile (``tests/test_conv_train.py`` with an empty ``NUMBA_CACHE_DIR``: 73 s against 18 s),
+which every fresh install, CI run and tutorial kernel pays. Results therefore cannot depend on
+the thread count. They compile with ``rowsparse.noalias_njit``: no output of these kernels
+overlaps an input (each wrapper allocates its outputs), and with that promise LLVM vectorizes
+them as the parallel versions' outlined loops were (the 2x2 max-pool: 7x faster than without).
 
 Results equal the reference up to the order of the additions (tests: ``tests/test_conv_train.py``,
 relative to the largest magnitude, 1e-12 in float64 and 1e-5 in float32). The pooling kernels
@@ -46,21 +50,22 @@ from contextlib import contextmanager
 
 import numba
 import numpy as np
-from numba import njit, prange, uint64
+from numba import njit, uint64
 from threadpoolctl import threadpool_limits
 
 from ..im2col import conv_output_size
+from .rowsparse import noalias_njit
 
 
 # ---------------------------------------------------------------------------------------------
 # Convolution
 # ---------------------------------------------------------------------------------------------
 
-@njit(cache=True, parallel=True)
+@noalias_njit
 def _conv_forward(xp, w, b, s, ho, wo, out):
     n_img, c_in = xp.shape[:2]
     c_out, _, kh, kw = w.shape
-    for n in prange(n_img):
+    for n in range(n_img):
         for o in range(c_out):
             plane = out[n, o]
             plane[:] = 0
@@ -86,11 +91,11 @@ def _conv_forward(xp, w, b, s, ho, wo, out):
                     orow[x] += bv
 
 
-@njit(cache=True, parallel=True)
+@noalias_njit
 def _conv_backward_input(dout, w, s, dxp):
     n_img, c_out, ho, wo = dout.shape
     _, c_in, kh, kw = w.shape
-    for n in prange(n_img):
+    for n in range(n_img):
         for c in range(c_in):
             dst = dxp[n, c]
             dst[:] = 0
@@ -111,11 +116,11 @@ def _conv_backward_input(dout, w, s, dxp):
                                     drow[s * x + j] += wv * grow[x]
 
 
-@njit(cache=True, parallel=True)
+@noalias_njit
 def _conv_backward_weight(dout, xp, s, kh, kw, dw):
     n_img, c_out, ho, wo = dout.shape
     c_in = xp.shape[1]
-    for o in prange(c_out):
+    for o in range(c_out):
         acc = np.empty(wo, dout.dtype)
         for c in range(c_in):
             for i in range(kh):
@@ -139,7 +144,7 @@ def _conv_backward_weight(dout, xp, s, kh, kw, dw):
                     dw[o, c, i, j] = total
 
 
-@njit(cache=True)
+@noalias_njit
 def _col2im_add(dcols, s_in, dxp):
     # dxp[n, c, s*y + i, s*x + j] += dcols[n, c, i, j, y, x]: offsets (i, j) outermost, as the
     # reference's scatter adds; unsigned indices (no negative-index checks: 2-3x faster).
@@ -159,7 +164,7 @@ def _col2im_add(dcols, s_in, dxp):
 CHUNK_BYTES = 1 << 21
 
 
-@njit(cache=True)
+@noalias_njit
 def _im2col_chunk(xp, n0, kh_in, kw_in, s_in, cols):
     """``cols [m, C*kh*kw, Ho*Wo]``: image ``n0 + n``'s im2col matrix in NCHW order,
     ``cols[n, (c*kh + i)*kw + j, y*Wo + x] = xp[n0 + n, c, s*y + i, s*x + j]``. Unsigned indices:
@@ -278,11 +283,11 @@ def conv2d_backward(dout, cache):
 # (wrap-around) values at every access, which on 8x8 planes cost more than the pooling itself
 # (unsigned: 6-17x faster, the same operations).
 
-@njit(cache=True, parallel=True)
+@noalias_njit
 def _maxpool_forward(x, k_in, s_in, ho, wo, out, arg):
     n_img, ch = x.shape[:2]
     k, s = uint64(k_in), uint64(s_in)     # new names: reassigning would make them float64
-    for n in prange(n_img):
+    for n in range(n_img):
         nu = uint64(n)
         for c in range(uint64(ch)):
             for y in range(uint64(ho)):
@@ -299,12 +304,12 @@ def _maxpool_forward(x, k_in, s_in, ho, wo, out, arg):
                     out[nu, c, y, xo], arg[nu, c, y, xo] = best, besti
 
 
-@njit(cache=True, parallel=True)
+@noalias_njit
 def _maxpool2_forward(x, out, arg):
     # _maxpool_forward for k = s = 2 (MaxPool2d(2), the models' pooling), unrolled: 5-7x faster
     n_img, ch, ho, wo = out.shape
     one = uint64(1)
-    for n in prange(n_img):
+    for n in range(n_img):
         nu = uint64(n)
         for c in range(uint64(ch)):
             for y in range(uint64(ho)):
@@ -324,12 +329,12 @@ def _maxpool2_forward(x, out, arg):
                     out[nu, c, y, xo], arg[nu, c, y, xo] = best, besti
 
 
-@njit(cache=True, parallel=True)
+@noalias_njit
 def _maxpool_backward(dout, arg, k_in, s_in, dx):
     n_img, ch, ho, wo = dout.shape
     k, s = uint64(k_in), uint64(s_in)     # new names: reassigning would make them float64
     zero = dx.dtype.type(0.0)
-    for n in prange(n_img):
+    for n in range(n_img):
         nu = uint64(n)
         for c in range(uint64(ch)):
             if k == s:          # windows do not overlap: each input gets 0 + (its gradient or 0)
@@ -353,10 +358,10 @@ def _maxpool_backward(dout, arg, k_in, s_in, dx):
                                 dst[s * y + i, s * xo + j] += dout[nu, c, y, xo]
 
 
-@njit(cache=True, parallel=True)
+@noalias_njit
 def _avgpool_forward(x, k, s, ho, wo, out):
     n_img, ch = x.shape[:2]
-    for n in prange(n_img):
+    for n in range(n_img):
         for c in range(ch):
             src = x[n, c]
             for y in range(ho):
@@ -370,10 +375,10 @@ def _avgpool_forward(x, k, s, ho, wo, out):
                     out[n, c, y, xo] = total / (k * k)
 
 
-@njit(cache=True, parallel=True)
+@noalias_njit
 def _avgpool_backward(dout, k, s, dx):
     n_img, ch, ho, wo = dout.shape
-    for n in prange(n_img):
+    for n in range(n_img):
         for c in range(ch):
             dst, g = dx[n, c], dout[n, c]
             dst[:] = 0
