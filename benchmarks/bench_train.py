@@ -146,6 +146,8 @@ def build_minidress(name: str, seed: int):
         return mlp([784, 300, 100, 10], seed=seed, dtype=np.float32)
     if name == "cnn":
         return small_cnn((1, 28, 28), seed=seed, dtype=np.float32)
+    if name == "digits-cnn":                                  # --thread-policy only: 8x8 inputs
+        return small_cnn((1, 8, 8), seed=seed, dtype=np.float32)
     if name == "resnet":
         return preact_resnet((1, 28, 28), widths=(16, 32, 64), seed=seed, dtype=np.float32)
     return lenet5((1, 28, 28), seed=seed, dtype=np.float32)
@@ -276,15 +278,11 @@ def thread_policy(args, batches) -> int:
     print("| model | batch | " + " | ".join(f"BLAS {b}, Numba {n}" for b, n in pairs) + " |")
     print("|---|---|" + "---|" * len(pairs))
     import numpy as np
-    from minidress.nn.models import small_cnn
     rng = np.random.default_rng(args.seed)
     digits = [(rng.standard_normal((64, 1, 8, 8)).astype(np.float32), rng.integers(0, 10, 64))]
     for model_name in ["digits-cnn"] + args.models:        # + the small CNN on 8x8 digits
-        if model_name == "digits-cnn":
-            runner = MinidressRunner("cnn", digits, args.lr, args.seed)
-            runner.model = small_cnn(seed=args.seed).train()
-        else:
-            runner = MinidressRunner(model_name, batches[:1], args.lr, args.seed)
+        data = digits if model_name == "digits-cnn" else batches[:1]
+        runner = MinidressRunner(model_name, data, args.lr, args.seed)
 
         def in_threads(blas, nb):
             def step():

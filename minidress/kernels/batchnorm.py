@@ -42,10 +42,10 @@ def follows_numpy(x) -> bool:
 
 def kernel_pays(x) -> bool:
     """Whether the layer should run these kernels on ``x``: where they follow NumPy's order and
-    its planes hold at least ``MIN_PLANE`` values. ``benchmarks/bench_train.py --layers bn``:
-    at batch 64, one thread, 2-3x faster than the reference on 32 x 28 x 28, 1.2-1.9x on
-    32 x 8 x 8, and 0.6-1.2x on 64 x 4 x 4, where the per-plane overhead outweighs the reference's
-    temporaries."""
+    its planes hold at least ``MIN_PLANE`` values. Measured on the layer functions (batch 64,
+    one thread, interleaved rounds; the end-to-end effect is ``benchmarks/bench_train.py``'s):
+    2.5-3.3x faster than the reference on 32 x 28 x 28, 1.2-1.9x on 32 x 8 x 8, and 0.6-1.2x on
+    64 x 4 x 4, where the per-plane overhead outweighs the reference's temporaries."""
     return follows_numpy(x) and x.shape[2] * x.shape[3] >= MIN_PLANE
 
 

@@ -165,15 +165,13 @@ CHUNK_BYTES = 1 << 21
 
 
 @noalias_njit
-def _im2col_chunk(xp, n0, kh_in, kw_in, s_in, cols):
+def _im2col_chunk(xp, n0, kh_in, kw_in, s_in, ho_in, wo_in, cols):
     """``cols [m, C*kh*kw, Ho*Wo]``: image ``n0 + n``'s im2col matrix in NCHW order,
     ``cols[n, (c*kh + i)*kw + j, y*Wo + x] = xp[n0 + n, c, s*y + i, s*x + j]``. Unsigned indices:
     no negative-index checks, so the copy runs 2-4x faster than NumPy's copy of the strided view."""
-    m, _, howo = cols.shape
-    ch = xp.shape[1]
+    m, ch = cols.shape[0], xp.shape[1]
     kh, kw, s = uint64(kh_in), uint64(kw_in), uint64(s_in)
-    wo = uint64(xp.shape[3] - kw_in) // s + uint64(1)
-    ho = uint64(howo) // wo
+    ho, wo = uint64(ho_in), uint64(wo_in)
     for n in range(uint64(m)):
         src_n = uint64(n0) + n
         for c in range(uint64(ch)):
@@ -193,7 +191,7 @@ def _chunks(xp, kh, kw, s, ho, wo):
     buf = np.empty((min(step, n), c * kh * kw, ho * wo), xp.dtype)
     for n0 in range(0, n, step):
         cols = buf[:min(step, n - n0)]
-        _im2col_chunk(xp, n0, kh, kw, s, cols)
+        _im2col_chunk(xp, n0, kh, kw, s, ho, wo, cols)
         yield n0, cols
 
 
