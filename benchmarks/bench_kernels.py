@@ -6,7 +6,8 @@ For every weight shape, batch and density, the same product ``y = (W * M) x`` is
   (``values``/``cols`` with all ``row_len`` entries per row; the density only sets the prefix),
   gather kernel at batch 1, feature-major kernel otherwise (``minidress.kernels``); at batch 1
   also ``minidress transposed``, the deployed model's kernel on the ``[kmax, rows]`` layout
-  (``minidress.kernels.serving.matvec_t``, vector gathers, one thread);
+  (``minidress.kernels.serving.matvec_t``, vector gathers, one thread; with a batch
+  ``matmul_t``, two output rows per pass up to ``PAIRS_MAX_COLUMNS`` columns);
 * ``numpy``: dense ``W * M`` times ``x`` (OpenBLAS);
 * ``scipy csr``: a ``scipy.sparse`` CSR matrix of ``W * M`` times ``x``;
 * ``torch`` and ``torch csr``: the same in PyTorch CPU (skipped when torch is not installed).
@@ -92,6 +93,11 @@ def methods(w, values, cols, k, xt, torch):
         # the deployed model's batch-1 kernel: transposed layout, vector gathers, one thread
         vt, ct = transpose_rowsparse(values, cols)
         fns["minidress transposed"] = lambda: matvec_t(vt, ct, k, x, y)
+    else:         # the deployed model's batched kernel: the same layout, SIMD over the batch
+        from minidress.kernels.serving import matmul_t, transpose_rowsparse
+        vt, ct = transpose_rowsparse(values, cols)
+        yt = np.empty((len(values), xt.shape[1]), values.dtype)
+        fns["minidress transposed"] = lambda: matmul_t(vt, ct, k, xt, yt)
     if torch is not None:
         tw, tx = torch.from_numpy(wm), torch.from_numpy(x)
         with warnings.catch_warnings():       # "sparse CSR support is in beta"

@@ -17,7 +17,7 @@ from minidress.kernels import program as prog
 from minidress.kernels import (rowsparse_conv2d_reference, rowsparse_matmul_reference,
                                rowsparse_matvec_reference)
 from minidress.kernels import serving
-from minidress.kernels.serving import (_NoAliasCompiler, flatten, flatten_reference, im2col,
+from minidress.kernels.serving import (PAIRS_MAX_COLUMNS, _NoAliasCompiler, flatten, flatten_reference, im2col,
                                        im2col_reference, matmul_t, matmul_t_reference, matvec_t,
                                        matvec_t_reference, pool2d, to_feature_major, transpose_rowsparse)
 from minidress.nn.layers import avgpool_forward, maxpool_forward
@@ -40,7 +40,8 @@ def test_transposed_matvec_equals_its_reference_and_the_row_kernel_reference(p):
 
 
 @settings(max_examples=60, deadline=None)
-@given(problems, st.integers(2, 70))
+@given(problems, st.one_of(st.integers(2, 70),      # both loops: two rows per pass, and blocks of columns
+                           st.sampled_from([PAIRS_MAX_COLUMNS, PAIRS_MAX_COLUMNS + 1, 2 * PAIRS_MAX_COLUMNS + 3])))
 def test_transposed_matmul_equals_its_reference_and_the_row_kernel_reference(p, batch):
     rows, row_len, _, _, dtype, _ = p
     values, cols, k, rng = make_problem(p)

@@ -185,11 +185,14 @@ class CompiledNet:
         return rows, ho, wo
 
     # -- running -----------------------------------------------------------------------------------
+    def predict(self, state, x):
+        """Logits ``[N, n_out]`` of the batch-major input ``x [N, C, H, W]`` (``program.predict``)."""
+        return prog.predict(self.code, self.layers, self.params, self.index, self.qvalues, self.dense, state, x)
+
     def run(self, state, x, shape):
-        """Logits ``[n_out, N]`` of the flat input ``x`` of ``shape`` (see ``program.run``)."""
-        out, out_shape = prog.run_quantized(self.code, self.layers, self.params, self.index, self.qvalues, self.dense, state,
-                                  x, shape)
-        return out.reshape(out_shape[0], out_shape[1])
+        """Logits (flat, feature-major ``[n_out, N]``) of the flat input ``x`` of ``shape``, and
+        their shape ``(n_out, N, 1, 1)`` (``program.run_quantized``)."""
+        return prog.run_quantized(self.code, self.layers, self.params, self.index, self.qvalues, self.dense, state, x, shape)
 
     def state(self, density, slot, force_dense=0, probe=False):
         """The ``state`` table (``program`` module docstring) of ``density``: prefix lengths, the

@@ -64,7 +64,7 @@ N_REGISTERS = 3
 L_ROWS, L_ROW_LEN, L_KH, L_KW, L_STRIDE, L_PAD, L_VT, L_CT, L_KMAX, L_BIAS, L_BITS, L_SCALE = range(12)
 
 
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _product(layer, k, dense_off, params, index, qvalues, dense, h, shape, scale, shift, relu):
     """One Linear (``h [in, N]``) or Conv2d (``h [C, N, H, W]``), as its state says: the
     row-sparse kernel on the first ``k`` entries, or BLAS on a dense matrix, then its epilogue
@@ -72,21 +72,30 @@ def _product(layer, k, dense_off, params, index, qvalues, dense, h, shape, scale
     rows, row_len, kh, kw, stride, pad = layer[L_ROWS], layer[L_ROW_LEN], layer[L_KH], layer[L_KW], \
         layer[L_STRIDE], layer[L_PAD]
     c, n, hh, ww = shape
-    ho, wo = (hh + 2 * pad - kh) // stride + 1, (ww + 2 * pad - kw) // stride + 1
-    if kh == 1 and kw == 1 and stride == 1 and pad == 0:
-        cols = h.reshape(row_len, n * ho * wo)        # a Linear, or a 1x1 conv: no im2col
-    else:
-        cols = np.empty((row_len, n * ho * wo), h.dtype)
-        im2col(h.reshape(c, n, hh, ww), kh, kw, stride, pad, cols)
+    pointwise = kh == 1 and kw == 1 and stride == 1 and pad == 0     # a Linear, or a 1x1 conv
+    ho, wo = (hh, ww) if pointwise else ((hh + 2 * pad - kh) // stride + 1, (ww + 2 * pad - kw) // stride + 1)
     m = n * ho * wo
+    bits = layer[L_BITS] if layer.shape[0] > L_BITS else 0     # 10 columns: no quantization
+    kmax = layer[L_KMAX]
+    if m == 1 and pointwise and dense_off < 0 and not bits:
+        # one sample of a Linear, the real-time case, on the shortest way: its time is mostly
+        # the kernel's, and each reshape or division skipped saves tens of nanoseconds
+        y = np.empty(rows, h.dtype)
+        vt = params[layer[L_VT]:layer[L_VT] + kmax * rows].reshape(kmax, rows)
+        ct = index[layer[L_CT]:layer[L_CT] + kmax * rows].reshape(kmax, rows)
+        matvec_t(vt, ct, k, h, y)
+        return _epilogue(layer, params, y, rows, 1, scale, shift, relu), (rows, n, ho, wo)
+    if pointwise:
+        cols = h.reshape(row_len, m)                  # no im2col
+    else:
+        cols = np.empty((row_len, m), h.dtype)
+        im2col(h.reshape(c, n, hh, ww), kh, kw, stride, pad, cols)
     if dense_off >= 0:
         w = dense[dense_off:dense_off + rows * row_len].reshape(rows, row_len)
         y = np.dot(w, cols.reshape(row_len)) if m == 1 else np.dot(w, cols).reshape(rows * m)
     else:
-        kmax = layer[L_KMAX]
-        bits = layer[L_BITS] if layer.shape[0] > L_BITS else 0     # 10 columns: no quantization
-        ct = index[layer[L_CT]:layer[L_CT] + kmax * rows].reshape(kmax, rows)
         y = np.empty(rows * m, h.dtype)
+        ct = index[layer[L_CT]:layer[L_CT] + kmax * rows].reshape(kmax, rows)
         if bits:                                      # quantized entries, dequantized in the kernel
             nq = (kmax if bits == 8 else (kmax + 1) // 2) * rows
             qt = qvalues[layer[L_VT]:layer[L_VT] + nq].reshape(nq // rows, rows)
@@ -95,16 +104,16 @@ def _product(layer, k, dense_off, params, index, qvalues, dense, h, shape, scale
                 qmatvec_t(qt, ct, qscale, bits, k, cols.reshape(row_len), y)
             else:
                 qmatmul(qt, ct, qscale, bits, k, cols, y.reshape(rows, m))
-            return _epilogue(layer, params, y, rows, m, scale, shift, relu), (rows, n, ho, wo)
-        vt = params[layer[L_VT]:layer[L_VT] + kmax * rows].reshape(kmax, rows)
-        if m == 1:                                    # one sample: gathers across rows
-            matvec_t(vt, ct, k, cols.reshape(row_len), y)
-        else:                                         # a batch: SIMD over the batch
-            matmul_t(vt, ct, k, cols, y.reshape(rows, m))
+        else:
+            vt = params[layer[L_VT]:layer[L_VT] + kmax * rows].reshape(kmax, rows)
+            if m == 1:                                # one sample: gathers across rows
+                matvec_t(vt, ct, k, cols.reshape(row_len), y)
+            else:                                     # a batch: SIMD over the batch
+                matmul_t(vt, ct, k, cols, y.reshape(rows, m))
     return _epilogue(layer, params, y, rows, m, scale, shift, relu), (rows, n, ho, wo)
 
 
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def _epilogue(layer, params, y, rows, m, scale, shift, relu):
     """In place on ``y [rows, m]`` (flat): add the layer's bias, then ``* scale + shift`` per row
     (a batch norm, if ``scale`` is not empty), then ``max(., 0)`` (if ``relu``). Element by
@@ -113,19 +122,31 @@ def _epilogue(layer, params, y, rows, m, scale, shift, relu):
     if not (has_bias or has_norm or relu):
         return y
     bias = params[max(layer[L_BIAS], 0):max(layer[L_BIAS], 0) + rows]
-    y2 = y.reshape(rows, m)
     zero = y.dtype.type(0)
+    if m == 1:      # one sample: one loop over the rows (vectorized), not `rows` loops of length 1
+        for r in range(rows):
+            y[r] = _epilogue_value(y[r], bias[r] if has_bias else zero, scale[r] if has_norm else zero,
+                                   shift[r] if has_norm else zero, has_bias, has_norm, relu, zero)
+        return y
+    y2 = y.reshape(rows, m)
     for r in range(rows):
+        b_r, s_r, t_r = bias[r] if has_bias else zero, scale[r] if has_norm else zero, shift[r] if has_norm else zero
         for b in range(m):
-            v = y2[r, b]
-            if has_bias:
-                v = v + bias[r]
-            if has_norm:
-                v = v * scale[r] + shift[r]
-            if relu and v < zero:       # np.maximum(v, 0) of NaN is NaN: so is this
-                v = zero
-            y2[r, b] = v
+            y2[r, b] = _epilogue_value(y2[r, b], b_r, s_r, t_r, has_bias, has_norm, relu, zero)
     return y
+
+
+@njit(cache=True, inline='always')
+def _epilogue_value(v, bias, scale, shift, has_bias, has_norm, relu, zero):
+    """One output through ``_epilogue``'s steps, in their order (scalars only: arrays passed to
+    an inlined function still cost a reference count each, per element)."""
+    if has_bias:
+        v = v + bias
+    if has_norm:
+        v = v * scale + shift
+    if relu and v < zero:       # np.maximum(v, 0) of NaN is NaN: so is this
+        v = zero
+    return v
 
 
 @njit(cache=True)
@@ -133,6 +154,26 @@ def run(code, layers, params, index, dense, state, x, shape):
     """``run_quantized`` of a program without quantized layers (its ``layers`` table may have the
     first 10 columns only)."""
     return run_quantized(code, layers, params, index, np.zeros(0, np.int8), dense, state, x, shape)
+
+
+@njit(cache=True)
+def predict(code, layers, params, index, qvalues, dense, state, x):
+    """Logits ``[N, n_out]`` (C-contiguous) of the batch-major input ``x [N, C, H, W]`` (any
+    strides): ``run_quantized`` with the conversions in and out compiled too, as a real-time
+    request is served (a reshape or a transpose costs more in Python than the smallest layer)."""
+    n, c, hh, ww = x.shape
+    # one sample, or one channel: batch-major memory is already feature-major
+    shape = (c if n == 1 or c == 1 else -c, n, hh, ww)
+    out, out_shape = run_quantized(code, layers, params, index, qvalues, dense, state,
+                                   np.ascontiguousarray(x).reshape(x.size), shape)
+    n_out = out_shape[0]
+    if n == 1:
+        return out.reshape(1, n_out)
+    logits, out2 = np.empty((n, n_out), out.dtype), out.reshape(n_out, n)
+    for b in range(n):
+        for i in range(n_out):
+            logits[b, i] = out2[i, b]
+    return logits
 
 
 @njit(cache=True)
@@ -146,8 +187,9 @@ def run_quantized(code, layers, params, index, qvalues, dense, state, x, shape):
         h = np.empty(x.size, x.dtype)
         to_feature_major(x.reshape(shape[1], shape[0], shape[2], shape[3]), h.reshape(shape))
     path = 1 if shape[1] == 1 else 2          # state row of the one-sample or the batch path
-    saved = [h] * N_REGISTERS
-    saved_shape = [shape] * N_REGISTERS
+    # the registers, as variables: a list of arrays would cost a quarter of a microsecond per call
+    r0 = r1 = r2 = h
+    r0_shape = r1_shape = r2_shape = shape
     slot = state[3, 0]
     for i in range(code.shape[0]):
         op, a, b, c = code[i, 0], code[i, 1], code[i, 2], code[i, 3]
@@ -181,9 +223,14 @@ def run_quantized(code, layers, params, index, qvalues, dense, state, x, shape):
                 h = out.reshape(out.size)
             shape = (shape[0] * shape[2] * shape[3], shape[1], 1, 1)
         elif op == OP_SAVE:
-            saved[a], saved_shape[a] = h, shape
+            if a == 0:
+                r0, r0_shape = h, shape
+            elif a == 1:
+                r1, r1_shape = h, shape
+            else:
+                r2, r2_shape = h, shape
         elif op == OP_LOAD:
-            h, shape = saved[a], saved_shape[a]
+            h, shape = (r0, r0_shape) if a == 0 else (r1, r1_shape) if a == 1 else (r2, r2_shape)
         elif op == OP_ADD:
-            h = h + saved[a]
+            h = h + (r0 if a == 0 else r1 if a == 1 else r2)
     return h, shape
