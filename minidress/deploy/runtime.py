@@ -324,7 +324,9 @@ class DeployedModel:
             if not (flat_ok or (x.ndim == 4 and (x.shape[0], *x.shape[2:]) == self.input_shape)):
                 raise ValueError(f"feature-major x must have shape [{c}, N, {h}, {w}], got {x.shape}")
             shape = (x.shape[0], x.shape[1], 1, 1) if x.ndim == 2 else x.shape
-            return self._run(np.ascontiguousarray(x).reshape(-1), shape)
+            logits, (n_out, n, _, _) = self._compiled.run(self._state(), np.ascontiguousarray(x).reshape(-1), shape)
+            # one sample: [n_classes, 1] is already the memory of [1, n_classes]; no copy
+            return logits.reshape(1, n_out) if n == 1 else np.ascontiguousarray(logits.reshape(n_out, n).T)
         if x.shape[1:] != self.input_shape:
             raise ValueError(f"x must have shape [N, {', '.join(map(str, self.input_shape))}], got {x.shape}")
         out = []
@@ -335,12 +337,6 @@ class DeployedModel:
             else:
                 out.append(self._compiled.predict(self._state(), xb))
         return out[0] if len(out) == 1 else np.concatenate(out)
-
-    def _run(self, flat, shape):
-        """Logits ``[N, n_classes]`` (C-contiguous) of the compiled program on ``flat``."""
-        logits, (n_out, n, _, _) = self._compiled.run(self._state(), flat, shape)     # [n_classes * N]
-        # one sample: [n_classes, 1] is already the memory of [1, n_classes]; no copy
-        return logits.reshape(1, n_out) if n == 1 else np.ascontiguousarray(logits.reshape(n_out, n).T)
 
     def macs(self) -> int:
         """Multiply-accumulates of one sample at the current density (kept weights only)."""
