@@ -31,6 +31,9 @@ os.environ["MINIDRESS_FAST"] = "1"
 # slower (benchmarks/README.md, thread policy). The kernels read these when NumPy loads.
 for _pool in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_pool, "1")
+# The notebooks run in kernels of their own: they too import this checkout's minidress (as
+# autodoc does), not whatever copy is installed, which CI reinstalls while the site builds.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 
 project = "minidress"
 author = "the minidress authors"
