@@ -52,6 +52,25 @@ def test_feature_major_input_gives_the_same_logits():
             deployed.predict(x, feature_major=True)
 
 
+def test_any_memory_layout_of_the_input_gives_the_same_logits():
+    """``predict``'s compiled entry takes any strides (it copies what is not C-contiguous): a
+    strided, Fortran-ordered or read-only input, one sample or a batch, and a batch cut by
+    ``batch_size`` give bit for bit the logits of C-contiguous copies of the same requests. (Not
+    across batch sizes: the layers a store keeps dense run on BLAS, whose order of additions
+    depends on the number of columns.)"""
+    dress, meta = make_dress("cnn", (2, 8, 8), np.float64)
+    deployed = DeployedModel.from_store(Store.from_dress(dress, "rank", meta), paths="sparse").set_density(0.3)
+    strided = np.random.default_rng(5).standard_normal((10, 2, 8, 8))[::2]     # not C-contiguous
+    ref, ref1 = (deployed.predict(np.ascontiguousarray(x)) for x in (strided, strided[1:2]))
+    readonly = strided.copy()
+    readonly.setflags(write=False)
+    for x in (strided, np.asfortranarray(strided), readonly):
+        assert np.array_equal(deployed.predict(x), ref)
+        assert np.array_equal(deployed.predict(x[1:2]), ref1)
+    halves = [deployed.predict(np.ascontiguousarray(strided[i:i + 2])) for i in range(0, 5, 2)]
+    assert np.array_equal(deployed.predict(strided, batch_size=2), np.concatenate(halves))
+
+
 def test_a_store_without_level_1_refuses_denser_densities():
     """A model trained without level 1.0 stores n_kept(0.5) entries per row: a longer prefix
     does not exist. (Before the fix the compiled kernels read past the arrays, exit 139.)"""
