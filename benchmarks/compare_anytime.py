@@ -85,7 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--no-baselines", action="store_true", help="skip the single compressed "
                    "networks and one-shot pruning (RunConfig.baselines=False)")
     p.add_argument("--dress-options", default="", help="DressOptions changed from the defaults, "
-                   "comma-separated name=value (e.g. sample_prob=0)")
+                   "comma-separated name=value (e.g. sample_prob=0,lambdas=1,1,1.5,2.5)")
     p.add_argument("--step-times", action="store_true", help="only time one training step per method")
     p.add_argument("--out", default="runs/compare-anytime")
     p.add_argument("--combine", nargs="+", metavar="JSON", default=None, help="train nothing: "
@@ -108,13 +108,16 @@ def parse_args(argv=None):
 
 def dress_changes(text) -> dict:
     """``name=value,...`` -> DressOptions changes, each value read as its command-line flag
-    reads it (``DressOptions`` field metadata); the options are checked by making them."""
+    reads it (``DressOptions`` field metadata); the options are checked by making them. A value
+    may itself hold commas (``levels=1,0.5,0.2,0.05``): a comma starts a new option only where
+    ``name=`` follows it."""
+    import re
     from dataclasses import fields
 
     from minidress.dress import DressOptions
     known = {f.name: f for f in fields(DressOptions)}
     changes = {}
-    for item in filter(None, text.split(",")):
+    for item in filter(None, re.split(r",(?=\s*[A-Za-z_]\w*=)", text)):
         name, _, value = item.partition("=")
         if name not in known:
             raise ValueError(f"unknown option {name!r}; choose from {sorted(known)}")

@@ -40,7 +40,7 @@ from .nn.losses import log_softmax, softmax_cross_entropy
 from .nn.models import build_model
 from .nn.train import evaluate
 
-LAMBDAS = ("uniform", "density", "inverse_density")
+LAMBDAS = ("uniform", "density", "inverse_density", "sqrt_inverse_density")
 NORMS = ("per_level", "per_level_stats", "shared")
 RAMPS = ("none", "cubic")
 DISTILL = ("none", "densest")
@@ -85,8 +85,10 @@ class DressOptions:
                             text=_numbers, form="comma-separated numbers in (0, 1]")
     lambdas: object = _option(
         "uniform", "loss weights: uniform, density (proportional to d), inverse_density (to 1/d), "
-        "or one number per level. Named schemes average 1, so uniform is the plain sum of the "
-        "levels' losses; a list is used as given", text=_lambdas_from_text,
+        "sqrt_inverse_density (to 1/sqrt(d): measured, it lifts the densities at and below the "
+        "sparsest level and costs a little at the densest; docs/results.md), or one number per "
+        "level. Named schemes average 1, so uniform is the plain sum of the levels' losses; a list "
+        "is used as given", text=_lambdas_from_text,
         form=f"one of {LAMBDAS} or comma-separated numbers")
     resample_every: int = _option(50, "re-rank every row from the current weights every N joint "
                                       "steps (0 = rank once, never again)", text=int,
@@ -188,7 +190,7 @@ def resolve_lambdas(lambdas, levels) -> np.ndarray:
     if isinstance(lambdas, str):
         if lambdas not in LAMBDAS:
             raise ValueError(f"lambdas must be one of {LAMBDAS} or a list of {len(d)} numbers, got {lambdas!r}")
-        w = {"uniform": np.ones_like(d), "density": d, "inverse_density": 1 / d}[lambdas]
+        w = d ** {"uniform": 0.0, "density": 1.0, "inverse_density": -1.0, "sqrt_inverse_density": -0.5}[lambdas]
         return w / w.mean()
     w = np.asarray(lambdas, np.float64)
     if w.shape != d.shape or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:

@@ -155,6 +155,7 @@ def test_lambdas_and_ramp():
     assert np.allclose(resolve_lambdas("uniform", (1, 0.5)), [1, 1])          # mean 1: sum_k loss_k
     assert np.allclose(resolve_lambdas("density", (1, 0.5, 0.5)), [1.5, 0.75, 0.75])
     assert np.allclose(resolve_lambdas("inverse_density", (1, 0.5)), [2 / 3, 4 / 3])
+    assert np.allclose(resolve_lambdas("sqrt_inverse_density", (1, 0.25)), [2 / 3, 4 / 3])
     assert np.allclose(resolve_lambdas([2, 1], (1, 0.5)), [2, 1])
     with pytest.raises(ValueError, match="lambdas must be 2 finite"):
         resolve_lambdas([1, -1], (1, 0.5))

@@ -270,6 +270,9 @@ def test_compare_anytime_reads_options_as_their_flags_do():
     changes = module.dress_changes("dense_first_last=False,resample_until=110,sample_prob=0.25")
     assert changes == {"dense_first_last": False, "resample_until": 110, "sample_prob": 0.25}
     assert module.dress_changes("resample_until=0.25") == {"resample_until": 0.25}
+    # a list value keeps its commas: only ",name=" starts the next option
+    assert module.dress_changes("lambdas=0.5,0.75,1,1.75,levels=1,0.5,0.2,0.05,sample_prob=0") == \
+        {"lambdas": (0.5, 0.75, 1.0, 1.75), "levels": (1.0, 0.5, 0.2, 0.05), "sample_prob": 0.0}
     assert list(Dress(mlp([30, 8, 7, 3]), **changes).layers) == ["1", "3", "5"]
     with pytest.raises(ValueError, match="dense_first_last must be true or false"):
         module.dress_changes("dense_first_last=no")
