@@ -82,7 +82,9 @@ def _product(layer, k, dense_off, params, index, qvalues, dense, h, shape, scale
     kmax = layer[L_KMAX]
     if m == 1 and pointwise and dense_off < 0 and not bits:
         # one sample of a Linear, the real-time case, on the shortest way: its time is mostly
-        # the kernel's, and each reshape or division skipped saves tens of nanoseconds
+        # the kernel's, and each reshape or division skipped saves tens of nanoseconds. (Folding
+        # this into the general path below, with the columns kept flat, measured 0.6 us slower
+        # on the 784 MLP's 7.3 us request.)
         y = np.empty(rows, h.dtype)
         vt = params[layer[L_VT]:layer[L_VT] + kmax * rows].reshape(kmax, rows)
         ct = index[layer[L_CT]:layer[L_CT] + kmax * rows].reshape(kmax, rows)
