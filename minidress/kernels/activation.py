@@ -18,9 +18,10 @@ compares the bytes):
   the kernel multiplies by the same ``1.0`` or ``0.0`` (fastmath stays off, so the multiply by
   zero is not folded away).
 
-Measured with ``benchmarks/bench_layers.py`` (one thread, float32, AMD EPYC): 3.5-4.3x faster
-forward and about 2x backward than the reference on the small CNN's and the ResNet's
-activations; 1-2% of a whole training step (``bench_train.py``'s models, interleaved A/B).
+Measured with ``benchmarks/bench_layers.py`` (one thread, float32, AMD EPYC), on the small CNN's
+and the ResNet's activations: 3.1-4.4x faster than the reference forward, 1.8-2.2x backward
+(1.1-2.0x on a strided gradient); about 2% of a whole training step (``bench_train.py``'s
+models, the old and new ReLU interleaved in one process).
 """
 from __future__ import annotations
 
