@@ -1,4 +1,4 @@
-"""Training-mode batch norm over ``[N, C, H, W]`` in one Numba pass per channel, bit for bit.
+"""Training-mode batch norm over ``[N, C, H, W]`` in a few Numba passes over the batch, bit for bit.
 
 The NumPy reference (``minidress.nn.layers.batchnorm_forward_reference`` and
 ``batchnorm_backward_reference``) makes about ten full-size temporaries per call (``x.mean``,
@@ -16,7 +16,7 @@ asserts ``array_equal`` on random shapes in float32 and float64):
 * Every element-wise expression keeps the reference's operand order and dtype (``eps`` and the
   count ``m`` are cast to the array's type first, as NumPy's weak Python scalars are).
 
-The loops over channels are serial: training runs one Numba thread (``conv_train.TRAINING_THREADS``),
+The loops are serial: training runs one Numba thread (``conv_train.TRAINING_THREADS``),
 and a parallel kernel takes twice as long to compile. Both compile with ``rowsparse.noalias_njit``
 (their outputs, which the wrappers allocate, never overlap their inputs).
 """

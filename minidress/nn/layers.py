@@ -590,8 +590,8 @@ def batchnorm_backward_reference(dout, cache):
 
 def batchnorm_forward(x, gamma, beta, mean=None, var=None, eps=1e-5):
     """Same arguments, output and cache as ``batchnorm_forward_reference``, bit for bit; the
-    training mode of a C-contiguous ``[N, C, H, W]`` input runs ``kernels.batchnorm`` (one pass
-    per channel, no temporaries) where it follows NumPy's order of additions and pays
+    training mode of a C-contiguous ``[N, C, H, W]`` input runs ``kernels.batchnorm`` (passes in
+    memory order, no temporaries) where it follows NumPy's order of additions and pays
     (``kernel_pays``), everything else the reference."""
     if mean is not None or not batchnorm.kernel_pays(x):
         return batchnorm_forward_reference(x, gamma, beta, mean, var, eps)
