@@ -1,12 +1,12 @@
 """ReLU's forward and backward in one pass each, bit for bit NumPy's.
 
-The reference (``minidress.nn.layers.relu_forward_reference``) runs ``np.maximum(x, 0)`` and
-keeps ``x > 0`` as a boolean mask; its backward multiplies ``dout`` by that mask. That is three
-full passes over the activations forward (the maximum, the comparison, the mask written out) and
-a cast of the mask inside the backward product. These kernels read the input once and write the
-output once, and the backward pass takes its mask from the output itself (``out > 0`` exactly
-where ``x > 0``: a positive ``x`` is kept, everything else becomes ``+0`` or stays NaN), so the
-cache holds no mask at all.
+The reference (``minidress.nn.layers.relu_forward_reference``) is ``np.maximum(x, 0)``, and its
+backward is ``dout * (out > 0)``: the output itself serves as the mask (``out > 0`` exactly where
+``x > 0``: a positive ``x`` is kept, everything else becomes ``+0`` or stays NaN), so no boolean
+mask is stored. (Before these kernels the layer also computed and kept ``x > 0``: one more pass
+and one more array per ReLU.) The kernels read each input once and write each output once; the
+backward one compares and multiplies in the same pass, where NumPy first writes the comparison
+and then casts it inside the product.
 
 Every value equals NumPy's, bit for bit, special values included (``tests/test_relu_kernel.py``
 compares the bytes):
