@@ -13,7 +13,9 @@ Times ``Dress.joint_step`` (forward and backward of every level on one batch) ag
 Levels 1, 0.5, 0.25, 0.1: the work of a joint step is 1.85 dense steps. float32, random inputs
 (the time does not depend on the values), the same weights for every setting, no fine-grained
 draws (``sample_prob=0``: the same k every step); medians of interleaved rounds
-(``common.interleaved_medians``). The crossovers the measured routing chose are printed.
+(``common.interleaved_medians``). The crossovers the measured routing chose are printed, then
+each product of a sparse level (forward, input gradient, kept values' gradient) timed as a
+row-sparse kernel against dense BLAS per kept multiply-add (``product_costs``).
 
     python benchmarks/bench_dress_step.py --threads 1
     python benchmarks/bench_dress_step.py --batch 64 --threads 2
@@ -78,7 +80,43 @@ def main(argv=None):
     print("\ncrossovers measured (rows, in_features, batch, dtype: the kernels run for k <= this):")
     for key, k in rowsparse.CROSSOVER.items():
         print(f"  {key}: {k:.0f} of {key[1]}")
+    product_costs(np, rowsparse, args)
     print(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+
+def product_costs(np, rowsparse, args):
+    """Each product of a sparse level's training step, row-sparse kernel against dense BLAS,
+    per kept multiply-add: why the joint step's goal of 2.5 dense steps (work 1.85) is out of
+    reach with these kernels. With the densest level one dense step, the three sparse levels
+    (work 0.85) may cost 1.5 dense steps: their three products must cost at most 1.5 / 0.85 = 1.76x
+    BLAS per kept multiply-add on average. (Training takes the values' gradient from one dense
+    product, gathered, which costs 1 / density per kept multiply-add.)"""
+    rng = np.random.default_rng(0)
+    b = args.batch
+    print(f"\n### Cost per kept multiply-add, row-sparse kernel / dense BLAS (float32, batch {b})\n")
+    print("| layer | density | forward | input gradient | values' gradient |\n|---|---|---|---|---|")
+    for rows, n_in in ((300, 784), (100, 300)):
+        w = rng.standard_normal((rows, n_in)).astype(np.float32)
+        x = rng.standard_normal((b, n_in)).astype(np.float32)
+        xt, dyt = np.ascontiguousarray(x.T), rng.standard_normal((rows, b)).astype(np.float32)
+        for d in (0.5, 0.25, 0.1):
+            k = int(round(d * n_in))
+            cols = np.ascontiguousarray(np.argsort(rng.random((rows, n_in)), axis=1)[:, :k]
+                                        .astype(rowsparse.index_dtype(n_in)))
+            values = np.take_along_axis(w, cols.astype(np.intp), axis=1)
+            t = interleaved_medians({
+                "forward": lambda: x @ w.T, "input": lambda: dyt.T @ w, "values": lambda: dyt @ x,
+                "k forward": lambda: rowsparse.rowsparse_matmul(values, cols, k, xt, check=False),
+                "k input": lambda: rowsparse.rowsparse_matmul_input_grad(values, cols, k, dyt, n_in,
+                                                                         check=False),
+                "k both": lambda: rowsparse.rowsparse_matmul_grads(values, cols, k, xt, dyt, check=False)},
+                rounds=args.rounds)
+            per_mac = {name: t["k " + name] / (d * t[name]) for name in ("forward", "input")}
+            per_mac["values"] = (t["k both"] - t["k input"]) / (d * t["values"])
+            print(f"| {rows}x{n_in} | {d:g} | {per_mac['forward']:.2f}x | {per_mac['input']:.2f}x "
+                  f"| {per_mac['values']:.2f}x |", flush=True)
+    print("\nthe joint step's goal (2.5 dense steps, work 1.85) needs the three products at most 1.76x "
+          "on average")
 
 
 if __name__ == "__main__":
