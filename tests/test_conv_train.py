@@ -123,6 +123,20 @@ def test_pooling_bit_for_bit(rng, shape, k, s, dtype):
         np.testing.assert_array_equal(dx, dxr)
 
 
+@pytest.mark.parametrize("k", [2, 16, 17])
+def test_maxpool_argmax_dtype_and_large_windows(rng, k):
+    """The cache holds the window offsets as a byte while a window has at most 256 values (2x2:
+    the models' pooling; 16x16: 256), as intp above (17x17), and both give the reference's bits."""
+    x = rng.standard_normal((2, 3, 2 * k + 1, 2 * k)).astype(np.float32)
+    y, cache = maxpool_forward(x, k, k)
+    yr, cache_r = maxpool_forward_reference(x, k, k)
+    assert cache[1].dtype == (np.uint8 if k * k <= 256 else np.intp)
+    np.testing.assert_array_equal(y, yr)
+    np.testing.assert_array_equal(cache[1], cache_r[1])
+    dout = rng.standard_normal(y.shape).astype(np.float32)
+    np.testing.assert_array_equal(maxpool_backward(dout, cache), maxpool_backward_reference(dout, cache_r))
+
+
 @pytest.mark.parametrize("k,s", [(2, 2), (3, 3), (3, 2)])
 def test_maxpool_nan_bit_for_bit(rng, k, s):
     """NaN follows argmax's rule (the first NaN of a window wins) in the unrolled 2x2 kernel,

@@ -389,7 +389,8 @@ ARG_DTYPE = np.uint8       # the max-pool cache's window offsets
 
 
 def maxpool_forward(x, k=2, stride=None):
-    """As ``minidress.nn.layers.maxpool_forward_reference`` (same output and cache)."""
+    """As ``minidress.nn.layers.maxpool_forward_reference``: the same output, and a cache with the
+    same window offsets, held as ``ARG_DTYPE`` (a byte) while a window has at most 256 values."""
     s = k if stride is None else stride
     n, c, h, w = x.shape
     ho, wo = conv_output_size(h, k, s, 0), conv_output_size(w, k, s, 0)
