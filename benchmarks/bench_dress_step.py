@@ -45,8 +45,9 @@ def main(argv=None):
     from minidress.kernels import rowsparse
     from minidress.nn.models import mlp, small_cnn
     from minidress.nn.train import dense_step
-    print(blas_threads_report(args.threads, applied))
-    print(f"load average at the start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    from bench_serving import machine_report
+    print(machine_report(args.threads))        # CPU model, widest vector ISA, load average
+    print(blas_threads_report(args.threads, applied) + f"; numba {numba.get_num_threads()} threads")
     rng = np.random.default_rng(0)
 
     def routed(dress, mode):
