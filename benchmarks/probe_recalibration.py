@@ -18,8 +18,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 
-from compare_anytime import SETTINGS, dress_changes
+from compare_anytime import SETTINGS, config_for, dress_changes
 
 
 def main(argv=None):
@@ -32,13 +33,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     densities = [float(d) for d in args.densities.split(",")]
     from minidress.app import experiment
-    from minidress.dress import DressOptions, recalibrate_batchnorm
+    from minidress.dress import recalibrate_batchnorm
     from minidress.nn.train import evaluate
-    kw = dict(SETTINGS[args.setting]["config"])
-    if kw["dataset"] != "digits":
-        kw["data_dir"] = args.data_dir
-    cfg = experiment.RunConfig(seed=args.seed, quiet=True, baselines=False, grid=(0.5,),
-                               dress=DressOptions(**dress_changes(args.dress_options)), **kw)
+    # compare_anytime's configuration of the setting, at its own budget, without the baselines
+    setting_args = argparse.Namespace(epochs=None, pretrain_epochs=None, train_subset=None,
+                                      test_subset=None, data_dir=args.data_dir, no_baselines=True,
+                                      dress_changes=dress_changes(args.dress_options))
+    cfg = replace(config_for(setting_args, args.setting, args.seed), grid=(0.5,))
     t0 = time.perf_counter()
     dress = experiment.run_experiment(cfg).dress
     ds, x_train, x_test = experiment.load_data(cfg)
