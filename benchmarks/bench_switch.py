@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from common import DEFAULT_DATA_DIR, blas_threads_report, interleaved_medians, set_thread_env
 
@@ -41,7 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--batches", default="1,32,256", help="samples per request, one trace each")
     p.add_argument("--requests", type=int, default=600)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--plot", default="latency_vs_density.png", help="'' for no plot")
+    p.add_argument("--plot", default="runs/bench-switch/latency_vs_density.png",
+                   help="where to write the plot (its folder is made if missing); '' for no plot")
     p.add_argument("--no-torch", action="store_true")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -218,6 +220,8 @@ def plot(curves, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from minidress.fileio import save_figure
     fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.6), squeeze=False)
     for ax, (batch, cs) in zip(axes[0], curves.items()):
         for i, (name, prof) in enumerate(cs.items()):
@@ -230,8 +234,8 @@ def plot(curves, path):
                yscale="log", title=f"{batch} sample(s) per request")
         ax.grid(alpha=0.3, which="both")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_figure(fig, path, dpi=120)         # atomic: an interrupted run leaves no half-written file
 
 
 if __name__ == "__main__":
