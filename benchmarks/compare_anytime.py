@@ -237,13 +237,13 @@ def combine(paths) -> int:
     dense = [[r["dense_acc"] for r in runs] for runs in files]
     if any(s != seeds[0] for s in seeds) or any(d != dense[0] for d in dense):
         raise SystemExit("--combine needs runs of the same seeds from the same pre-trained networks")
-    defaults = {**RunConfig().to_json(1), **vars(DressOptions())}
-    ignore = {"ramp_steps", "run_steps", "grid", "baselines", "quiet"}    # set by the run's length
+    defaults = vars(DressOptions())
+    ignore = {"ramp_steps", "run_steps"}    # set by the run's length
     methods, density_sets = {}, []
     for runs in files:
-        c = runs[0]["config"]
-        changed = [f"{k}={c[k]}" for k in vars(DressOptions()) if k not in ignore and c[k] != defaults[k]
-                   and not (isinstance(c[k], list) and tuple(c[k]) == defaults[k])]
+        # as a run resumes: an option its version did not record takes the value it behaved as
+        recorded = vars(DressOptions.from_config(runs[0]["config"]))
+        changed = [f"{k}={v}" for k, v in recorded.items() if k not in ignore and v != defaults[k]]
         label = "DRESS" + (f" ({', '.join(changed)})" if changed else " (defaults)")
         methods[label] = [r["methods"]["DRESS"] for r in runs]
         for name in PEER_NAMES:

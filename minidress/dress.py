@@ -44,6 +44,7 @@ LAMBDAS = ("uniform", "density", "inverse_density", "sqrt_inverse_density")
 NORMS = ("per_level", "per_level_stats", "shared")
 RAMPS = ("none", "cubic")
 DISTILL = ("none", "densest")
+STRATA = ("nearest", "below")
 DENSE_LAYERS = ("first_last", "small")
 SMALL_ROW = 27      # dense_layers="small": a first layer with rows this short stays dense
 DEFAULT_LEVELS = (1.0, 0.5, 0.25, 0.1)
@@ -109,6 +110,11 @@ class DressOptions:
              "d_min) instead of the level itself; still K passes per step (0 = the levels only; "
              "below 1, so that every level's own batch-norm statistics keep being updated)",
         text=float, form="a number in [0, 1)")
+    strata: str = _option(
+        "nearest", "the densities each level's pass may draw (sample_prob): nearest, those nearer to "
+                   "it than to any other level; or below, from the level down to the next sparser "
+                   "one, where the curve dips; the sparsest level's reach down to d_min either way",
+        choices=STRATA)
     d_min: float = _option(0.0, "the sparsest density fine-grained sampling draws (0 = a quarter "
                                 "of the sparsest level)", text=float,
                            form="a number in [0, 1], at most the sparsest level")
@@ -159,7 +165,7 @@ class DressOptions:
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name, allowed in (("ramp", RAMPS), ("norm", NORMS), ("distill", DISTILL),
-                              ("dense_layers", DENSE_LAYERS)):
+                              ("dense_layers", DENSE_LAYERS), ("strata", STRATA)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not 0.0 <= float(self.sample_prob) < 1.0:
@@ -227,13 +233,17 @@ def sparsifiable_layers(model, dense_first_last=True, dense_layers="first_last")
     return dict(found)
 
 
-def strata(levels, d_min) -> list:
-    """Each level's stratum ``(low, high)``: the densities whose nearest level it is (bounds at
-    the midpoints between neighbouring levels, as ``nearest_level`` decides), the densest level's
-    reaching up to 1 and the sparsest's down to ``d_min``."""
+def strata(levels, d_min, rule="nearest") -> list:
+    """Each level's stratum ``(low, high)``. ``nearest``: the densities whose nearest level it is
+    (bounds at the midpoints between neighbouring levels, as ``nearest_level`` decides), the
+    densest level's reaching up to 1. ``below``: from the level down to the next sparser one. The
+    sparsest level's reaches down to ``d_min``."""
     order = sorted(levels, reverse=True)
-    cuts = [1.0] + [(a + b) / 2 for a, b in zip(order, order[1:])] + [d_min]
-    bounds = {d: (cuts[i + 1], cuts[i]) for i, d in enumerate(order)}
+    if rule == "below":
+        bounds = dict(zip(order, zip(order[1:] + [d_min], order)))
+    else:
+        cuts = [1.0] + [(a + b) / 2 for a, b in zip(order, order[1:])] + [d_min]
+        bounds = {d: (cuts[i + 1], cuts[i]) for i, d in enumerate(order)}
     return [bounds[d] for d in levels]
 
 
@@ -270,7 +280,7 @@ class Dress:
         model.buffers.setdefault("dress_step", np.zeros((), np.int64))
         self.rank()
         self.density = None     # dense until the first ``use``
-        self.strata = strata(self.levels, o.d_min or min(self.levels) / 4)
+        self.strata = strata(self.levels, o.d_min or min(self.levels) / 4, o.strata)
         self.densest = int(np.argmax(self.levels))
         # Distillation needs the teacher's pass first; otherwise the levels run in the given order.
         rest = [k for k in range(len(self.levels)) if k != self.densest]
@@ -364,8 +374,8 @@ class Dress:
 
         With ``sample_prob`` p, every level but the densest (the sandwich rule's fixed top, and
         the distillation teacher) trains, with probability p, a density drawn uniformly from its
-        stratum (``strata``) instead of its own; it keeps its level's batch-norm slot (the slot
-        ``use`` picks for that density when deployed, ``nearest_level``). The draws come from
+        stratum (``strata``) instead of its own, in the batch-norm slot it is deployed with
+        (``use_pass``). The draws come from
         ``default_rng([sample_seed, step])``: a function of the seed and the step only, so a
         resumed run draws what an uninterrupted one does. While a ramp runs, nothing is drawn
         (the strata are those of the target levels).
@@ -378,6 +388,12 @@ class Dress:
         coins, u = rng.random(len(densities)), rng.random(len(densities))
         return [(float(lo + (hi - lo) * u[k]), True) if k != self.densest and coins[k] < p else (d, False)
                 for k, (d, (lo, hi)) in enumerate(zip(densities, self.strata))]
+
+    def use_pass(self, k, density, drawn):
+        """``use`` for level ``k``'s pass of ``pass_plan``: the level's own batch-norm slot, or for
+        a drawn density the slot of its nearest level, the one it is deployed with (under
+        ``strata="nearest"`` that is level ``k`` again)."""
+        return self.use(density, level=None if drawn else k)
 
     @contextmanager
     def frozen_statistics(self, frozen=True):
@@ -425,7 +441,7 @@ class Dress:
         total, loss, correct, teacher = {}, 0.0, 0.0, None
         for k in self.order:
             (d, drawn), lam = plan[k], self.lambdas[k]
-            self.use(d, level=k)
+            self.use_pass(k, d, drawn)
             with self.frozen_statistics(drawn):
                 logits = model.forward(xb)
             if teacher is None:

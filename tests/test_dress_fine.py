@@ -12,6 +12,7 @@ from minidress.baselines.alternating import Alternating
 from minidress.baselines.slimmable import soft_cross_entropy_forward
 from minidress.data import make_spirals
 from minidress.dress import Dress, DressOptions, sparsifiable_layers, strata
+from minidress.masks import nearest_level
 from minidress.nn.gradcheck import numerical_gradient, relative_error
 from minidress.nn.losses import log_softmax, softmax_cross_entropy
 from minidress.nn.models import mlp, small_cnn
@@ -27,10 +28,11 @@ def tiny_mlp(seed=0, batchnorm=True):
 
 def planned_loss(dress, plan, x, y, teacher=None):
     """sum_k lambda_k * loss_k over the passes of ``plan`` (forward only), each level in its own
-    slot; with ``teacher``, every level but the densest against those soft targets."""
+    slot (a drawn density in that of its nearest level); with ``teacher``, every level but the
+    densest against those soft targets."""
     total = 0.0
-    for k, ((d, _), lam) in enumerate(zip(plan, dress.lambdas)):
-        dress.use(d, level=k)
+    for k, ((d, drawn), lam) in enumerate(zip(plan, dress.lambdas)):
+        dress.use(d, level=nearest_level(dress.levels, d) if drawn else k)
         logits = dress.model.forward(x)
         if teacher is None or k == dress.densest:
             total += lam * softmax_cross_entropy(logits, y)[0]
@@ -45,13 +47,14 @@ def densest_softmax(dress, x):
 
 
 @pytest.mark.parametrize("levels", [(1.0, 0.5, 0.2), (0.5, 1.0, 0.2)])
-@pytest.mark.parametrize("sample_prob", [0.0, 0.99])
-def test_distilled_and_sampled_step_matches_central_differences(rng, levels, sample_prob):
+@pytest.mark.parametrize("sample_prob, rule", [(0.0, "nearest"), (0.99, "nearest"), (0.99, "below")])
+def test_distilled_and_sampled_step_matches_central_differences(rng, levels, sample_prob, rule):
     """The teacher (the densest level's softmax on the batch) is a constant of the step: the
-    gradient is that of the loss with the teacher held fixed. Drawn densities in the plan."""
+    gradient is that of the loss with the teacher held fixed. Drawn densities in the plan, each
+    in its nearest level's batch-norm slot (with ``strata="below"``, often not its pass's)."""
     model = tiny_mlp()
     dress = Dress(model, levels=levels, lambdas=[0.5, 2.0, 1.0], distill="densest",
-                  sample_prob=sample_prob, d_min=0.05)
+                  sample_prob=sample_prob, d_min=0.05, strata=rule)
     x, y = rng.standard_normal((9, 6)), rng.integers(0, 3, 9)
     teacher = densest_softmax(dress, x)
     plan = dress.pass_plan(0)
@@ -111,6 +114,28 @@ def test_pass_plan_draws_within_strata_reproducibly():
         for (d, dr), level, (lo, hi) in zip(plan, levels, dress.strata):
             assert (lo <= d < hi) if dr else d == level
     assert Dress(small_cnn(seed=0), sample_prob=0.0).pass_plan(5) == [(d, False) for d in levels]
+
+
+def test_strata_below_and_the_slot_a_drawn_density_trains():
+    """``strata="below"``: each level draws from itself down to the next sparser level. A drawn
+    density trains (and is deployed with) its nearest level's batch-norm slot; under the default
+    ``nearest`` strata that is always the pass's own level, as before the option existed."""
+    levels = (1.0, 0.5, 0.25, 0.1)
+    assert strata(levels, 0.025, "below") == [(0.5, 1.0), (0.25, 0.5), (0.1, 0.25), (0.025, 0.1)]
+    assert strata((0.1, 1.0), 0.05, "below") == [(0.05, 0.1), (0.1, 1.0)]
+    with pytest.raises(ValueError, match="strata must be one of"):
+        DressOptions(strata="above")
+    for rule in ("nearest", "below"):
+        dress = Dress(small_cnn(seed=0), sample_prob=0.5, strata=rule)
+        other_slot = 0
+        for t in range(300):
+            for k, ((d, drawn), (lo, hi)) in enumerate(zip(dress.pass_plan(t), dress.strata)):
+                assert (lo <= d < hi) if drawn else d == levels[k]
+                dress.use_pass(k, d, drawn)
+                slot = nearest_level(levels, d) if drawn else k
+                assert all(bn.slot == slot for bn in dress.batchnorms)
+                other_slot += slot != k
+        assert (other_slot > 0) == (rule == "below")
 
 
 def test_d_min_default_and_no_draws_while_a_ramp_runs():

@@ -199,7 +199,8 @@ def plot_comparison(runs, path, title=None):
         x = [r["macs"] / dense for r in rows]
         xs += x
         y = np.array([100 * r["mean"] for r in rows])
-        err = np.array([[100 * (r["mean"] - r["min"]), 100 * (r["max"] - r["mean"])] for r in rows]).T
+        # a mean of equal values can round a hair past them: clip, as matplotlib refuses yerr < 0
+        err = np.maximum(0.0, [[100 * (r["mean"] - r["min"]), 100 * (r["max"] - r["mean"])] for r in rows]).T
         fmt, color = styles[name]
         ax.errorbar(x, y, yerr=err, fmt=fmt, color=color, capsize=2, ms=5,
                     mfc="none" if name == "single compressed" else None, label=name)

@@ -90,7 +90,7 @@ class Alternating(Peer):
         density, drawn = dress.pass_plan(joint)[k]
         if not drawn:                       # a ramp counts alternating steps (module docstring)
             density = dress.level_densities(t)[k]
-        dress.use(density, level=k)
+        dress.use_pass(k, density, drawn)
         with dress.frozen_statistics(drawn):
             loss, correct, grads = dense_step(model, xb, yb)
         lam = float(dress.lambdas[k])
