@@ -230,7 +230,6 @@ def combine(paths) -> int:
     each DRESS variant's largest shortfall below the best peer on the common grid."""
     import numpy as np
 
-    from minidress.app.experiment import RunConfig
     from minidress.dress import DressOptions
     files = [json.loads(Path(p).read_text()) for p in paths]
     seeds = [[r["config"]["seed"] for r in runs] for runs in files]
