@@ -49,7 +49,8 @@ DENSE_LAYERS = ("first_last", "small")
 SMALL_ROW = 27      # dense_layers="small": a first layer with rows this short stays dense
 DEFAULT_LEVELS = (1.0, 0.5, 0.25, 0.1)
 # What runs from before these options existed did, so that their checkpoints resume as they ran.
-BEFORE_RECORDED = {"resample_until": 0, "sample_prob": 0.0, "dense_layers": "first_last"}
+BEFORE_RECORDED = {"resample_until": 0, "sample_prob": 0.0, "dense_layers": "first_last",
+                   "strata": "nearest"}
 
 
 def _numbers(text):
@@ -85,35 +86,34 @@ class DressOptions:
     levels: tuple = _option(DEFAULT_LEVELS, "trained densities (kept fractions), distinct, in (0, 1]",
                             text=_numbers, form="comma-separated numbers in (0, 1]")
     lambdas: object = _option(
-        "uniform", "loss weights: uniform, density (proportional to d), inverse_density (to 1/d), "
-        "sqrt_inverse_density (to 1/sqrt(d): measured, it lifts the densities at and below the "
-        "sparsest level and costs a little at the densest; docs/results.md), or one number per "
-        "level. Named schemes average 1, so uniform is the plain sum of the levels' losses; a list "
-        "is used as given", text=_lambdas_from_text,
+        "sqrt_inverse_density", "loss weights: uniform, density (proportional to d), "
+        "inverse_density (to 1/d), sqrt_inverse_density (to 1/sqrt(d), the default: measured, it "
+        "lifts the densities at and below the sparsest level and costs a little at the densest; "
+        "docs/results.md), or one number per level. Named schemes average 1, so uniform is the "
+        "plain sum of the levels' losses; a list is used as given", text=_lambdas_from_text,
         form=f"one of {LAMBDAS} or comma-separated numbers")
-    resample_every: int = _option(50, "re-rank every row from the current weights every N joint "
+    resample_every: int = _option(20, "re-rank every row from the current weights every N joint "
                                       "steps (0 = rank once, never again)", text=int,
                                   form="an integer >= 0")
     resample_until: float = _option(
-        0.5, "re-rank (every resample_every steps) only before this point, so the rest of training "
-             "keeps one ranking: a number in (0, 1) is that fraction of the run's joint steps "
-             "(run_steps; the default, 0.5, is the first half of the run), a whole number >= 1 "
-             "that joint step (0 = all run long, and so is a fraction while run_steps is 0)",
+        0, "re-rank (every resample_every steps) only before this point, so the rest of training "
+           "keeps one ranking: 0 (the default) = all run long; a number in (0, 1) is that "
+           "fraction of the run's joint steps (run_steps; all run long while that is 0), a whole "
+           "number >= 1 that joint step",
         text=_until_from_text, form="0, a number in (0, 1) or a whole number >= 1")
     run_steps: int = _option(0, "the run's number of joint steps, of which a fractional "
                                 "resample_until is a fraction (minidress train sets it from "
                                 "--epochs; 0 = unknown)", flag=None)
     sample_prob: float = _option(
         0.5, "fine-grained sampling: each step, the pass of every level but the densest trains, "
-             "with this probability, a density drawn uniformly from the level's stratum (the "
-             "densities nearer to it than to any other level; the sparsest level's reaches down to "
-             "d_min) instead of the level itself; still K passes per step (0 = the levels only; "
-             "below 1, so that every level's own batch-norm statistics keep being updated)",
+             "with this probability, a density drawn uniformly from the level's stratum (strata; "
+             "the sparsest level's reaches down to d_min) instead of the level; still K passes per "
+             "step (0 = the levels only; below 1, so every level's batch-norm statistics update)",
         text=float, form="a number in [0, 1)")
     strata: str = _option(
-        "nearest", "the densities each level's pass may draw (sample_prob): nearest, those nearer to "
-                   "it than to any other level; or below, from the level down to the next sparser "
-                   "one, where the curve dips; the sparsest level's reach down to d_min either way",
+        "below", "the densities each level's pass may draw (sample_prob): below (the default), from "
+                 "the level down to the next sparser one, where the curve dips; or nearest, those "
+                 "nearer to it than to any other level; the sparsest level's reach down to d_min",
         choices=STRATA)
     d_min: float = _option(0.0, "the sparsest density fine-grained sampling draws (0 = a quarter "
                                 "of the sparsest level)", text=float,

@@ -400,7 +400,7 @@ def test_alternating_trains_one_nested_level_per_step_in_turn(rng):
 def test_alternating_scales_a_level_by_its_lambda(rng):
     model = tiny_mlp()
     alt = Alternating(copy.deepcopy(model), levels=(1.0, 0.5), lambdas=[1.0, 3.0])
-    ref = Alternating(copy.deepcopy(model), levels=(1.0, 0.5))
+    ref = Alternating(copy.deepcopy(model), levels=(1.0, 0.5), lambdas="uniform")   # [1, 1]
     x, y = rng.standard_normal((9, 6)), rng.integers(0, 3, 9)
     for _ in range(2):
         la, _, ga = alt.step(alt.model, x, y)
@@ -413,14 +413,18 @@ def test_alternating_scales_a_level_by_its_lambda(rng):
 def test_alternating_trains_saves_and_loads(digits, tmp_path):
     x, y, xt, yt = digits
     # The layers of the default before "small" (from scratch, 4 epochs do not halve the loss of a
-    # 64-input first layer kept at 6 weights per row); what is tested is the alternation.
-    alt = Alternating(digits_mlp(seed=1), levels=(1.0, 0.5, 0.25, 0.1), dense_layers="first_last")
+    # 64-input first layer kept at 6 weights per row), and strata "nearest": from scratch, strata
+    # "below" (chosen on pre-trained networks) trains 0.1 slower (loss x0.52 after 4 epochs, not
+    # x0.18). What is tested is the alternation.
+    alt = Alternating(digits_mlp(seed=1), levels=(1.0, 0.5, 0.25, 0.1), dense_layers="first_last",
+                      strata="nearest")
     before = [alt.evaluate(xt, yt, d)[0] for d in alt.levels]
     train(alt, x, y, epochs=4)
     after = [alt.evaluate(xt, yt, d)[0] for d in alt.levels]
     assert all(a < 0.5 * b for a, b in zip(after, before)), (before, after)
     alt.save(tmp_path / "alt.npz")
-    again = Alternating(digits_mlp(seed=9), levels=(1.0, 0.5, 0.25, 0.1), dense_layers="first_last")
+    again = Alternating(digits_mlp(seed=9), levels=(1.0, 0.5, 0.25, 0.1), dense_layers="first_last",
+                        strata="nearest")
     again.load(tmp_path / "alt.npz")
     assert again.steps_done == alt.steps_done
     assert np.array_equal(outputs(again, xt, 0.1), outputs(alt, xt, 0.1))

@@ -140,7 +140,7 @@ def test_strata_below_and_the_slot_a_drawn_density_trains():
 
 def test_d_min_default_and_no_draws_while_a_ramp_runs():
     dress = Dress(tiny_mlp(), levels=(1.0, 0.2), sample_prob=0.99, ramp="cubic", ramp_steps=10)
-    assert dress.strata[1] == (0.05, 0.6)                          # d_min 0: a quarter of 0.2
+    assert dress.strata[1] == (0.05, 0.2)               # d_min 0: a quarter of 0.2; strata "below"
     assert all(not drawn for t in range(10) for _, drawn in dress.pass_plan(t))
     assert dress.pass_plan(10)[1][1]
 
@@ -197,10 +197,12 @@ def test_fractional_resample_until_scales_with_the_run():
     # An unknown run length (run_steps 0, a Dress built by hand) stops nothing.
     unknown = Dress(tiny_mlp(), levels=(1.0, 0.5), resample_every=10, resample_until=0.5)
     assert unknown.rerank_stop() is None and due(unknown, 45) == [10, 20, 30, 40]
-    # The default is the first half: on digits (220 steps) exactly the earlier 110.
-    assert DressOptions().resample_until == 0.5
+    # The default re-ranks all run long; a fraction set on the run's config scales with it: the
+    # first half of digits' 220 steps is exactly the 110 measured before fractions existed.
+    assert DressOptions().resample_until == 0
     from minidress.app.experiment import RunConfig
-    options = RunConfig().dress_for(22)
+    assert Dress(tiny_mlp(), RunConfig().dress_for(22)).rerank_stop() is None
+    options = RunConfig(dress=DressOptions(resample_until=0.5)).dress_for(22)
     assert options.run_steps == 220 and Dress(tiny_mlp(), options).rerank_stop() == 110
     assert RunConfig(epochs=3).dress_for(938).run_steps == 2814
 
@@ -247,7 +249,8 @@ def test_old_configs_load_and_new_options_are_checked():
            "ramp_steps": 0, "norm": "per_level", "dense_first_last": True, "epochs": 3}
     assert DressOptions.from_config(old) == DressOptions(levels=(1.0, 0.5), resample_every=0,
                                                          resample_until=0, sample_prob=0.0,
-                                                         dense_layers="first_last")
+                                                         dense_layers="first_last", lambdas="uniform",
+                                                         strata="nearest")
     assert DressOptions.from_config(asdict(DressOptions())) == DressOptions()
     # A run that recorded resample_until=110 (steps, before fractions existed) keeps it.
     assert DressOptions.from_config({**old, "resample_until": 110}).resample_until == 110
