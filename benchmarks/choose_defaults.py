@@ -7,6 +7,8 @@ the single compressed networks trained with the same budget.
         --data-dir ../shared/data/mnist --model mlp --seeds 0,1 --variants base,lambdas=inverse_density
     OMP_NUM_THREADS=1 python benchmarks/choose_defaults.py --jobs 2 --variants fine    # the
         # fine-grained options: sampling, distillation, re-ranking schedules
+    OMP_NUM_THREADS=1 python benchmarks/choose_defaults.py --jobs 2 --variants back    # each
+        # default option back to its earlier value, one at a time, and the previous defaults
 
 Runs are independent, so ``--jobs N`` runs N at a time (one BLAS thread each is fastest on two
 cores). The "base" variant (the defaults) always runs, with the baselines. Every variant makes
@@ -49,14 +51,20 @@ VARIANTS = {
     "sample_prob=0.5 + resample_every=50 until half": {"sample_prob": 0.5, "resample_every": 50,
                                                        "resample_until": 0.5},
 }
-# One at a time back from the defaults chosen by the "fine" group (README, "Choosing the defaults").
-VARIANTS.update({"sample_prob=0": {"sample_prob": 0.0}, "resample_every=0": {"resample_every": 0},
-                 "resample_until=0 (all run long)": {"resample_until": 0},
-                 # The stop as a fraction of the run (0.5 is the default; a fraction scales with
-                 # the run's length, e.g. 110 of digits' 220 steps and 4,690 of MNIST's 9,380).
-                 "resample_until=0.25": {"resample_until": 0.25},
-                 "resample_until=110 (steps)": {"resample_until": 110}})
-GROUPS = {"fine": [name for name in VARIANTS if "sample" in name or "distill" in name]}
+# One at a time back from the defaults (docs/results.md, "Fine-grained DRESS: the current
+# defaults", chose them on digits, the MNIST MLP and the ResNet; compare_anytime.py measures the
+# peers beside them).
+BACK = {"sample_prob=0": {"sample_prob": 0.0}, "resample_every=0": {"resample_every": 0},
+        "lambdas=uniform": {"lambdas": "uniform"}, "strata=nearest": {"strata": "nearest"},
+        # The stop as a fraction of the run scales with its length: 0.5 is 110 of digits' 220
+        # steps and 4,690 of MNIST's 9,380; a whole number counts steps.
+        "resample_until=0.5": {"resample_until": 0.5},
+        "resample_until=110 (steps)": {"resample_until": 110},
+        "previous defaults": {"resample_every": 50, "resample_until": 0.5, "strata": "nearest",
+                              "lambdas": "uniform"}}
+VARIANTS.update(BACK)
+GROUPS = {"fine": [name for name in VARIANTS if "sample" in name or "distill" in name],
+          "back": list(BACK)}
 
 
 DRESS_FIELDS = {f.name for f in fields(DressOptions)}
