@@ -220,3 +220,14 @@ def test_choose_density_takes_the_densest_that_fits():
     assert deployed.choose_density(2.5) == 0.5
     assert deployed.choose_density(1.0) == 0.1
     assert deployed.choose_density(0.1) == 0.1                  # nothing fits: the sparsest
+
+
+def test_calibration_timer_calls_each_path_at_least_once():
+    """The crossover calibration's timer divides by its call count: a round whose budget has
+    already passed at the first check (a 0 s budget here; a preempted process in CI) must still
+    time one call, not divide by zero."""
+    from minidress.deploy.compiled import _interleaved
+    calls = []
+    times = _interleaved([lambda: calls.append(0), lambda: calls.append(1)], seconds=0.0, rounds=3)
+    assert calls.count(0) == 4 and calls.count(1) == 4          # one warm-up, then one per round
+    assert all(np.isfinite(t) and t > 0 for t in times)

@@ -284,8 +284,8 @@ def _interleaved(fns, seconds, rounds):
     for _ in range(rounds):
         for fn, ts in zip(fns, times):
             n, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds:
-                fn()
+            while n == 0 or time.perf_counter() - t0 < seconds:    # at least one call, even if
+                fn()                                                # the clock already passed
                 n += 1
             ts.append((time.perf_counter() - t0) / n)
     return [min(ts) for ts in times]
