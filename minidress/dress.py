@@ -452,7 +452,7 @@ class Dress:
                 logp = log_softmax(logits)
                 self.last_losses[k] = -(teacher * logp).sum() / len(xb)
                 dlogits = (np.exp(logp) - teacher) / logits.dtype.type(len(xb))
-            model.backward(dlogits * dlogits.dtype.type(lam))
+            model.backward(dlogits * dlogits.dtype.type(lam), input_grad=False)
             for name, g in model.gradients().items():
                 if name in total:
                     total[name] += g

@@ -242,3 +242,45 @@ def test_a_one_slot_peer_checkpoint_names_its_conversion():
     state = {k: (v[None] if k.startswith("1.") else v) for k, v in model.state().items()}
     with pytest.raises(ValueError, match=r"state\['1.weight'\] has shape \(1, 2\).*\[0\]"):
         model.load_state(state)
+
+
+@pytest.mark.parametrize("build, shape", [(lambda dt: mlp([12, 7, 5], seed=1, dtype=dt), (3, 12)),
+                                          (lambda dt: lenet5((1, 12, 12), dtype=dt), (2, 1, 12, 12)),
+                                          (lambda dt: preact_resnet((1, 8, 8), widths=(4, 4, 8), dtype=dt),
+                                           (2, 1, 8, 8))])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_training_backward_skips_only_the_input_gradient(rng, build, shape, dtype):
+    # What training calls (input_grad=False): every parameter's gradient bit for bit as with the
+    # input's gradient, None returned, and the first layer asked for no input gradient.
+    x, dout = rng.standard_normal(shape).astype(dtype), None
+    grads = []
+    for input_grad in (True, False):
+        model = build(dtype)
+        out = model.forward(x)
+        dout = rng.standard_normal(out.shape).astype(dtype) if dout is None else dout
+        first = next(layer for layer in model.layers if layer.parameters())
+        calls, backward = [], first.backward
+        first.backward = lambda d, **kw: calls.append(kw) or backward(d, **kw)
+        dx = model.backward(dout, input_grad=input_grad)
+        assert (dx is None) == (not input_grad) and calls == ([{}] if input_grad else [{"input_grad": False}])
+        grads.append(model.gradients())
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert np.array_equal(grads[0][name], grads[1][name]), name
+
+
+@pytest.mark.parametrize("dtype, direct", [(np.float32, False), (np.float32, True), (np.float64, None)])
+def test_conv_backward_without_input_gradient(rng, dtype, direct):
+    from minidress.kernels import conv_train
+    from minidress.nn.layers import conv2d_backward, conv2d_forward_reference
+    x = rng.standard_normal((2, 3, 7, 6)).astype(dtype)
+    w, b = rng.standard_normal((4, 3, 3, 3)).astype(dtype), np.zeros(4, dtype)
+    if direct is None:
+        out, cache = conv2d_forward_reference(x, w, b, 2, 1)
+    else:
+        out, cache = conv_train.conv2d_forward(x, w, b, 2, 1, direct=direct)
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    dx, dw, db = conv2d_backward(dout, cache)
+    none, dw2, db2 = conv2d_backward(dout, cache, input_grad=False)
+    assert none is None and dx.shape == x.shape
+    assert np.array_equal(dw, dw2) and np.array_equal(db, db2)

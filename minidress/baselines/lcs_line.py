@@ -126,8 +126,8 @@ class LineNet(Layer):
     def forward(self, x):
         return self.net.forward(x)
 
-    def backward(self, dout):
-        return self.net.backward(dout)
+    def backward(self, dout, input_grad=True):
+        return self.net.backward(dout, input_grad)
 
     def __repr__(self):
         return f"LineNet(two ends of {self.net!r})"

@@ -263,7 +263,7 @@ class USNet(Peer):
             else:
                 loss, cache = soft_cross_entropy_forward(logits, teacher)
                 dlogits, _ = soft_cross_entropy_backward(1.0, cache)
-            model.backward(dlogits)
+            model.backward(dlogits, input_grad=False)
             for name, g in model.gradients().items():
                 if i == 0:
                     total[name] = g.copy()

@@ -240,7 +240,7 @@ def conv2d_forward(x, w, b, stride=1, padding=0, direct=False):
     return out, (x.shape, xp, wc, stride, padding, direct)
 
 
-def conv2d_backward(dout, cache):
+def conv2d_backward(dout, cache, input_grad=True):
     """``dout [N, C_out, Ho, Wo]`` -> ``dx, dw, db``, as ``conv2d_backward_reference``. GEMM path:
     ``dw.T = sum_n cols_n @ dout_n.T`` and ``dcols_n = W.T @ dout_n`` per image (the columns
     copied again from the view: cheaper than keeping a batch of them), ``dcols`` added back into
@@ -250,9 +250,11 @@ def conv2d_backward(dout, cache):
     x_shape, xp, w, stride, p, direct = cache
     dout = np.ascontiguousarray(dout)
     c_out, c_in, kh, kw = w.shape
+    dxp = None          # with input_grad=False, nothing of the input's gradient is computed
     if direct:
-        dxp = np.empty(xp.shape, dout.dtype)
-        _conv_backward_input(dout, w, stride, dxp)
+        if input_grad:
+            dxp = np.empty(xp.shape, dout.dtype)
+            _conv_backward_input(dout, w, stride, dxp)
         dw = np.empty(w.shape, dout.dtype)
         _conv_backward_weight(dout, xp, stride, kh, kw, dw)
     else:
@@ -264,17 +266,20 @@ def conv2d_backward(dout, cache):
         # and BLAS runs it 1.2-1.6x faster (AMD EPYC, one thread: 189 against 309 us on the
         # small CNN's 32x32 layer at 28x28), as the long dimension is then the output's rows.
         dwt, part = np.zeros(wm.T.shape, dout.dtype), np.empty(wm.T.shape, dout.dtype)
-        dxp = np.zeros(xp.shape, dout.dtype)
-        wmt = np.ascontiguousarray(wm.T)
+        if input_grad:
+            dxp = np.zeros(xp.shape, dout.dtype)
+            wmt = np.ascontiguousarray(wm.T)
         for n0, cols in _chunks(xp, kh, kw, stride, ho, wo):
-            dc, dcols = d3[n0:n0 + len(cols)], np.empty(cols.shape, dout.dtype)
+            dc = d3[n0:n0 + len(cols)]
             for i in range(len(cols)):      # NumPy's stacked matmul does not call BLAS with a
                 np.matmul(cols[i], dc[i].T, out=part)   # transposed operand (9x slower)
                 dwt += part
-            np.matmul(wmt, dc, out=dcols)
-            _col2im_add(dcols.reshape(len(cols), c_in, kh, kw, ho, wo), stride, dxp[n0:n0 + len(cols)])
+            if input_grad:
+                dcols = np.empty(cols.shape, dout.dtype)
+                np.matmul(wmt, dc, out=dcols)
+                _col2im_add(dcols.reshape(len(cols), c_in, kh, kw, ho, wo), stride, dxp[n0:n0 + len(cols)])
         dw = np.ascontiguousarray(dwt.T).reshape(w.shape)
-    dx = dxp[:, :, p:p + x_shape[2], p:p + x_shape[3]] if p else dxp
+    dx = dxp[:, :, p:p + x_shape[2], p:p + x_shape[3]] if p and input_grad else dxp
     return dx, dw, dout.sum(axis=(0, 2, 3))
 
 

@@ -97,7 +97,7 @@ def penalised_step(model, xb, yb, penalty_grads=None, loss_fn=softmax_cross_entr
     """
     logits = model.forward(xb)
     loss, dlogits = loss_fn(logits, yb)
-    model.backward(dlogits)
+    model.backward(dlogits, input_grad=False)
     grads = model.gradients()
     if penalty_grads is not None:
         penalty, extra = penalty_grads()

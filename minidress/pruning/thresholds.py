@@ -131,7 +131,7 @@ class LearnedThresholds(Pruner):
         try:
             logits = model.forward(xb)
             loss, dlogits = loss_fn(logits, yb)
-            model.backward(dlogits)
+            model.backward(dlogits, input_grad=False)
         finally:
             for name, layer in self.layers.items():
                 layer.params["weight"] = latent[name]
