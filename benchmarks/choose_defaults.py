@@ -56,6 +56,8 @@ VARIANTS = {
 # peers beside them).
 BACK = {"sample_prob=0": {"sample_prob": 0.0}, "resample_every=0": {"resample_every": 0},
         "lambdas=uniform": {"lambdas": "uniform"}, "strata=nearest": {"strata": "nearest"},
+        # the defaults of the version before densest_weight (the densest level at 0.53)
+        "densest_weight=scheme": {"densest_weight": "scheme"},
         # The stop as a fraction of the run scales with its length: 0.5 is 110 of digits' 220
         # steps and 4,690 of MNIST's 9,380; a whole number counts steps.
         "resample_until=0.5": {"resample_until": 0.5},

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
+from numbers import Real
 
 import numpy as np
 
@@ -50,7 +51,7 @@ SMALL_ROW = 27      # dense_layers="small": a first layer with rows this short s
 DEFAULT_LEVELS = (1.0, 0.5, 0.25, 0.1)
 # What runs from before these options existed did, so that their checkpoints resume as they ran.
 BEFORE_RECORDED = {"resample_until": 0, "sample_prob": 0.0, "dense_layers": "first_last",
-                   "strata": "nearest"}
+                   "strata": "nearest", "densest_weight": "scheme"}
 
 
 def _numbers(text):
@@ -59,6 +60,10 @@ def _numbers(text):
 
 def _lambdas_from_text(text):
     return text if text in LAMBDAS else _numbers(text)
+
+
+def _weight_from_text(text):       # densest_weight: "scheme" or a number
+    return text if text == "scheme" else float(text)
 
 
 def _until_from_text(text):
@@ -88,10 +93,15 @@ class DressOptions:
     lambdas: object = _option(
         "sqrt_inverse_density", "loss weights: uniform, density (proportional to d), "
         "inverse_density (to 1/d), sqrt_inverse_density (to 1/sqrt(d), the default: measured, it "
-        "lifts the densities at and below the sparsest level and costs a little at the densest; "
-        "docs/results.md), or one number per level. Named schemes average 1, so uniform is the "
-        "plain sum of the levels' losses; a list is used as given", text=_lambdas_from_text,
+        "lifts the densities at and below the sparsest level; docs/results.md), or one number per "
+        "level. Named schemes average 1 (uniform is the plain sum of the levels' losses), then "
+        "densest_weight sets the densest level's; a list is used as given", text=_lambdas_from_text,
         form=f"one of {LAMBDAS} or comma-separated numbers")
+    densest_weight: object = _option(
+        1.0, "the densest level's weight under a named lambdas scheme: a number (default 1, as a "
+             "single network's loss; measured, it keeps the ResNet's dense end) or scheme (the "
+             "scheme's own, 0.53 for sqrt_inverse_density at the default levels)",
+        text=_weight_from_text, form="a number >= 0, or scheme")
     resample_every: int = _option(20, "re-rank every row from the current weights every N joint "
                                       "steps (0 = rank once, never again)", text=int,
                                   form="an integer >= 0")
@@ -152,7 +162,13 @@ class DressOptions:
         object.__setattr__(self, "levels", levels)
         if not isinstance(self.lambdas, str):
             object.__setattr__(self, "lambdas", tuple(float(v) for v in np.atleast_1d(self.lambdas)))
-        resolve_lambdas(self.lambdas, levels)
+        w = self.densest_weight
+        if w != "scheme":
+            if not isinstance(w, Real) or isinstance(w, bool) or not (np.isfinite(w) and w >= 0):
+                raise ValueError(f"densest_weight must be a number >= 0 or 'scheme', got {w!r}")
+            object.__setattr__(self, "densest_weight", float(w))
+        if self.lambda_weights().sum() <= 0:
+            raise ValueError(f"the loss weights must not all be 0, got {self.lambda_weights().tolist()}")
         until = self.resample_until
         if not (until == 0 or 0 < until < 1 or (until >= 1 and until == int(until))):
             raise ValueError(f"resample_until must be 0, a fraction of the run in (0, 1) or a whole "
@@ -187,7 +203,12 @@ class DressOptions:
         return cls(**{**BEFORE_RECORDED, **recorded})
 
     def lambda_weights(self) -> np.ndarray:
-        return resolve_lambdas(self.lambdas, self.levels)
+        """Each level's loss weight ``[K]``: the scheme's (``resolve_lambdas``), with the densest
+        level's replaced by ``densest_weight`` unless that is "scheme" or the lambdas a list."""
+        w = resolve_lambdas(self.lambdas, self.levels)
+        if isinstance(self.lambdas, str) and self.densest_weight != "scheme":
+            w[int(np.argmax(self.levels))] = self.densest_weight
+        return w
 
 
 def resolve_lambdas(lambdas, levels) -> np.ndarray:

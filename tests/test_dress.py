@@ -8,7 +8,7 @@ import pytest
 
 from helpers import assert_close
 from minidress.data import make_spirals
-from minidress.dress import (Dress, cubic_density, recalibrate_batchnorm, resolve_lambdas,
+from minidress.dress import (Dress, DressOptions, cubic_density, recalibrate_batchnorm, resolve_lambdas,
                              sparsifiable_layers)
 from minidress.nn.gradcheck import numerical_gradient, relative_error
 from minidress.nn.layers import BatchNorm
@@ -161,6 +161,15 @@ def test_lambdas_and_ramp():
         resolve_lambdas([1, -1], (1, 0.5))
     with pytest.raises(ValueError, match="lambdas must be one of"):
         resolve_lambdas("equal", (1, 0.5))
+    # The densest level's weight: 1 by default (a single network's), the scheme's on request,
+    # whichever position it holds; a list stays as given.
+    sqrt = resolve_lambdas("sqrt_inverse_density", (0.25, 1.0, 0.5))
+    assert np.array_equal(DressOptions(levels=(0.25, 1.0, 0.5)).lambda_weights(), [sqrt[0], 1.0, sqrt[2]])
+    assert np.array_equal(DressOptions(levels=(0.25, 1.0, 0.5), densest_weight="scheme").lambda_weights(), sqrt)
+    assert np.array_equal(DressOptions(levels=(1.0, 0.5), lambdas="density", densest_weight=2).lambda_weights(),
+                          [2.0, resolve_lambdas("density", (1.0, 0.5))[1]])
+    assert np.array_equal(DressOptions(levels=(1.0, 0.5), lambdas=(3, 1)).lambda_weights(), [3, 1])
+    assert np.allclose(Dress(tiny_mlp(), levels=(1.0, 0.5)).lambdas, [1.0, np.sqrt(2) / ((1 + np.sqrt(2)) / 2)])
     assert cubic_density(0.1, 0, 100) == 1.0
     assert cubic_density(0.1, 100, 100) == pytest.approx(0.1)
     assert cubic_density(0.1, 50, 100) == pytest.approx(0.1 + 0.9 / 8)

@@ -250,7 +250,7 @@ def test_old_configs_load_and_new_options_are_checked():
     assert DressOptions.from_config(old) == DressOptions(levels=(1.0, 0.5), resample_every=0,
                                                          resample_until=0, sample_prob=0.0,
                                                          dense_layers="first_last", lambdas="uniform",
-                                                         strata="nearest")
+                                                         strata="nearest", densest_weight="scheme")
     assert DressOptions.from_config(asdict(DressOptions())) == DressOptions()
     # A run that recorded resample_until=110 (steps, before fractions existed) keeps it.
     assert DressOptions.from_config({**old, "resample_until": 110}).resample_until == 110
@@ -262,7 +262,12 @@ def test_old_configs_load_and_new_options_are_checked():
                             ({"resample_until": -1}, "resample_until must be 0, a fraction"),
                             ({"resample_until": 1.5}, "resample_until must be 0, a fraction"),
                             ({"run_steps": -1}, "run_steps must be >= 0"),
-                            ({"dense_first_last": "False"}, "dense_first_last must be True or False")]:
+                            ({"dense_first_last": "False"}, "dense_first_last must be True or False"),
+                            ({"densest_weight": -1}, "densest_weight must be a number >= 0 or 'scheme'"),
+                            ({"densest_weight": "heavy"}, "densest_weight must be a number >= 0"),
+                            ({"densest_weight": float("inf")}, "densest_weight must be a number >= 0"),
+                            ({"densest_weight": True}, "densest_weight must be a number >= 0"),
+                            ({"levels": (1.0,), "densest_weight": 0}, "loss weights must not all be 0")]:
         with pytest.raises(ValueError, match=message):
             DressOptions(**change)
 
@@ -278,6 +283,9 @@ def test_new_options_are_flags_of_minidress_train():
     assert isinstance(dress_options(args).resample_until, int)
     args = build_parser().parse_args(["train", "--resample-until", "0.25"])
     assert dress_options(args).resample_until == 0.25
+    for text, value in (("scheme", "scheme"), ("2", 2.0), ("0.5", 0.5)):
+        args = build_parser().parse_args(["train", "--densest-weight", text])
+        assert dress_options(args).densest_weight == value
 
 
 def test_compare_anytime_reads_options_as_their_flags_do():

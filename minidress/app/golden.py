@@ -264,7 +264,7 @@ def _dress(case, model) -> Dress:
     return Dress(model, DressOptions(levels=case.levels, lambdas=case.lambdas, resample_every=case.resample_every,
                                      resample_until=0, ramp="none", norm="per_level",
                                      dense_first_last=False, kernel_max_density=0.0,
-                                     sample_prob=0.0, distill="none"))
+                                     sample_prob=0.0, distill="none", densest_weight="scheme"))
 
 
 def _running_stats(model) -> dict:
