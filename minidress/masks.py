@@ -58,6 +58,11 @@ def _rows(weight, importance_scores):
     return scores.reshape(w.shape[0], -1)
 
 
+def row_ranks_reference(weight, importance_scores=None) -> np.ndarray:
+    """``row_ranks`` as the rule states it: a stable sort of ``-importance`` per row."""
+    return _inverse_permutations(_stable_order(_rows(weight, importance_scores)))
+
+
 def row_ranks(weight, importance_scores=None) -> np.ndarray:
     """Rank of every entry within its row: 0 for the most important.
 
@@ -70,11 +75,43 @@ def row_ranks(weight, importance_scores=None) -> np.ndarray:
     -------
     ranks : int32 ndarray [rows, row_len]
         Each row is a permutation of ``0..row_len-1``. Ties: lower column index first.
+
+    For float32 scores the rows are sorted as 64-bit integer keys, the score's order-preserving
+    bit pattern above the column index: every key is distinct, so any sort gives the order of
+    the stable sort (``row_ranks_reference``, equal bit for bit; 2-3x faster on a 300x784 layer,
+    ``tests/test_masks.py``). Other dtypes take the reference.
     """
     s = _rows(weight, importance_scores)
-    order = np.argsort(-s, axis=1, kind="stable")            # columns, most important first
-    ranks = np.empty(s.shape, np.int32)
-    np.put_along_axis(ranks, order, np.arange(s.shape[1], dtype=np.int32)[None, :], axis=1)
+    return _inverse_permutations(_distinct_keys_order(s) if s.dtype == np.float32 else _stable_order(s))
+
+
+def _distinct_keys_order(scores):
+    """``_stable_order`` of float32 ``scores [rows, n]`` by one sort of distinct 64-bit keys."""
+    bits = np.add(scores, np.float32(0)).view(np.uint32)    # + 0: -0.0 becomes 0.0, its equal
+    # Order-preserving map of float32 bits to unsigned integers (flip the sign bit of a
+    # positive number, every bit of a negative one), complemented: most important first.
+    # In place, as the rest: on a virtual machine each fresh page costs microseconds.
+    flip = bits >> np.uint32(31)
+    flip *= np.uint32(0x7FFFFFFF)
+    flip |= np.uint32(0x80000000)
+    bits ^= flip
+    keys = np.invert(bits, out=bits).astype(np.uint64)
+    keys <<= np.uint64(32)
+    keys |= np.arange(scores.shape[1], dtype=np.uint64)    # below the score: ties by column
+    keys.sort(axis=1)
+    keys &= np.uint64(0xFFFFFFFF)                            # the columns, in rank order
+    return keys.view(np.int64)
+
+
+def _stable_order(scores):
+    """Columns of every row of ``scores [rows, n]``, most important first, ties in column order."""
+    return np.argsort(-scores, axis=1, kind="stable")
+
+
+def _inverse_permutations(order):
+    """``ranks[r, order[r, j]] = j``: the rank of every column, from the columns in rank order."""
+    ranks = np.empty(order.shape, np.int32)
+    ranks[np.arange(order.shape[0])[:, None], order] = np.arange(order.shape[1], dtype=np.int32)
     return ranks
 
 

@@ -6,7 +6,8 @@ from hypothesis import strategies as st
 
 from minidress.dress import DressOptions
 from minidress.masks import (check_density, global_topk_masks, layerwise_topk_mask,
-                             n_kept, row_ranks, row_topk_mask, structured_row_mask)
+                             n_kept, row_ranks, row_ranks_reference, row_topk_mask,
+                             structured_row_mask)
 
 densities = st.floats(min_value=1e-3, max_value=1.0, allow_nan=False)
 shapes = st.one_of(
@@ -50,10 +51,53 @@ def test_levels_are_nested_for_every_pair(shape, d1, d2, seed, ties):
     assert np.all(row_topk_mask(w, lo) <= row_topk_mask(w, hi))
 
 
-def test_ties_go_to_the_lower_column():
-    w = np.array([[1.0, -1.0, 1.0, 0.5], [0.0, 0.0, 0.0, 0.0]])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ties_go_to_the_lower_column(dtype):
+    w = np.array([[1.0, -1.0, 1.0, 0.5], [0.0, 0.0, -0.0, 0.0]], dtype)
     assert row_ranks(w).tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
     assert row_topk_mask(w, 0.5).tolist() == [[True, True, False, False], [True, True, False, False]]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_importance_scores_of_any_sign_rank_by_value(dtype):
+    # -0.0 equals 0.0 (a tie: lower column first); negative scores rank below both.
+    scores = np.array([[-1.0, -2.0, -0.0, 0.0, -np.inf, np.inf, 1e-45, -1e-45]], dtype)
+    assert row_ranks(np.ones_like(scores), importance_scores=scores).tolist() == [[5, 6, 2, 3, 7, 0, 1, 4]]
+
+
+def rows_sorted_by_python(scores):
+    """The rule itself, in plain Python: sort columns by (-score, column)."""
+    ranks = np.empty(scores.shape, np.int32)
+    for r, row in enumerate(scores.tolist()):
+        for rank, col in enumerate(sorted(range(len(row)), key=lambda c: (-row[c], c))):
+            ranks[r, col] = rank
+    return ranks
+
+
+@settings(max_examples=80, deadline=None)
+@given(shape=st.tuples(st.integers(1, 7), st.integers(1, 300)), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([np.float32, np.float64]), signed_scores=st.booleans())
+def test_fast_ranks_equal_the_stable_sort_bit_for_bit(shape, seed, dtype, signed_scores):
+    """``row_ranks`` (float32: one sort of distinct integer keys) against the stable argsort
+    and against Python's ``sorted``, on rows full of ties, zeros of both signs, infinities and
+    subnormals."""
+    rng = np.random.default_rng(seed)
+    specials = np.array([0.0, -0.0, 0.5, -0.5, 1.0, np.inf, -np.inf, 1e-45, 3.0], dtype)
+    w = rng.standard_normal(shape).astype(dtype)
+    pick = rng.random(shape) < 0.5
+    w[pick] = rng.choice(specials, size=int(pick.sum()))
+    scores = w if signed_scores else None           # |w| by default: all of one sign
+    got = row_ranks(w, importance_scores=scores)
+    assert got.dtype == np.int32
+    assert np.array_equal(got, row_ranks_reference(w, importance_scores=scores))
+    assert np.array_equal(got, rows_sorted_by_python(w if signed_scores else np.abs(w)))
+
+
+def test_fast_ranks_of_conv_weights_and_a_wide_layer():
+    rng = np.random.default_rng(3)
+    for shape in [(16, 6, 5, 5), (300, 784)]:
+        w = np.round(rng.standard_normal(shape) * 4).astype(np.float32) / 4   # many ties
+        assert np.array_equal(row_ranks(w), row_ranks_reference(w))
 
 
 def test_rounding_is_half_up_with_a_floor_of_one():

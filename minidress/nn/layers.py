@@ -147,6 +147,12 @@ def _masked(w, mask):
     return w if mask is None else w * mask
 
 
+def _mask_gradient(dw, mask):
+    """``_masked(dw, mask)`` written into ``dw``, a fresh gradient the backward pass owns: the
+    same numbers without a new array (fresh pages are slow on a virtual machine)."""
+    return dw if mask is None else np.multiply(dw, mask, out=dw)
+
+
 # ---------------------------------------------------------------------------------------------
 # Linear
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +269,7 @@ class Linear(Layer):
             self.grads["weight"] = dw
         else:
             dx, dw, db = linear_backward(dout, self.cache[1], input_grad)
-            self.grads["weight"] = _masked(dw, self.cache[2])
+            self.grads["weight"] = _mask_gradient(dw, self.cache[2])
         if "bias" in self.params:
             self.grads["bias"] = db
         return dx
@@ -384,7 +390,7 @@ class Conv2d(Layer):
 
     def backward(self, dout, input_grad=True):
         dx, dw, db = conv2d_backward(dout, self.cache, input_grad)
-        self.grads["weight"] = _masked(dw, self.mask)
+        self.grads["weight"] = _mask_gradient(dw, self.mask)
         if "bias" in self.params:
             self.grads["bias"] = db
         return dx
