@@ -35,3 +35,13 @@ def test_digest_depends_on_names_and_bytes(tmp_path):
     d2 = sources_digest(tmp_path)
     (tmp_path / "a.py").rename(tmp_path / "b.py")
     assert len({d1, d2, sources_digest(tmp_path)}) == 3
+
+
+def test_the_blas_of_compiled_products_counts_as_a_source(tmp_path, monkeypatch):
+    """A cache compiled to call NumPy's cblas must not be loaded where ``np.dot`` is used, nor the
+    other way round: the choice (``blas.BACKEND``) is part of the digest."""
+    from minidress.kernels import _cache
+    _package(tmp_path)
+    before = sources_digest(tmp_path)
+    monkeypatch.setattr(_cache, "BACKEND", _cache.BACKEND + " (another)")
+    assert sources_digest(tmp_path) != before

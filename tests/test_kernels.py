@@ -11,6 +11,7 @@ from minidress.kernels import (index_dtype, rowsparse_conv2d, rowsparse_conv2d_r
                                rowsparse_matmul, rowsparse_matmul_grads,
                                rowsparse_matmul_grads_reference, rowsparse_matmul_reference,
                                rowsparse_matvec, rowsparse_matvec_reference)
+from minidress.kernels import blas
 from minidress.kernels import rowsparse as rs
 from minidress.nn.layers import conv2d_forward, im2col
 
@@ -199,3 +200,24 @@ def test_input_gradient_kernel_parallel_path_and_checks(rng, monkeypatch):
         rs.rowsparse_matmul_input_grad(values, cols, 50, dyt[:-1], 300)
     with pytest.raises(ValueError, match="column index"):
         rs.rowsparse_matmul_input_grad(values, cols, 50, dyt, 10)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 60), st.integers(2, 300), st.sampled_from(DTYPES),
+       st.booleans(), st.integers(0, 2**16))
+def test_compiled_gemm_is_numpys_product(m, k, n, dtype, contiguous, seed):
+    """``blas.gemm`` (what the compiled model's dense products call) equals NumPy's ``a @ b`` bit
+    for bit when it calls NumPy's BLAS, and to rounding when it falls back to ``np.dot`` under
+    Numba (SciPy's BLAS, or plain NumPy with the JIT off); a strided operand takes ``np.dot``.
+    NumPy itself computes a one-row or one-column product with ``gemv`` instead of ``gemm``
+    (another order of additions), so those shapes agree to rounding only."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((m, k)).astype(dtype)
+    b = rng.standard_normal((k, 2 * n)).astype(dtype)
+    b = np.ascontiguousarray(b[:, :n]) if contiguous else b[:, ::2]
+    got, want = blas.gemm(a, b), a @ b
+    assert got.shape == want.shape and got.dtype == want.dtype
+    if blas.BACKEND.startswith("numpy cblas") and contiguous and m > 1 and n > 1:
+        assert np.array_equal(got, want)
+    else:
+        np.testing.assert_allclose(got, want, rtol=TOL[dtype] * 10, atol=TOL[dtype] * 10)

@@ -19,7 +19,8 @@ from minidress.kernels import (rowsparse_conv2d_reference, rowsparse_matmul_refe
 from minidress.kernels import serving
 from minidress.kernels.serving import (PAIRS_MAX_COLUMNS, _NoAliasCompiler, flatten, flatten_reference, im2col,
                                        im2col_reference, matmul_t, matmul_t_reference, matvec_t,
-                                       matvec_t_reference, pool2d, to_feature_major, transpose_rowsparse)
+                                       matvec_t_reference, pool2d, pool2d_reference, to_feature_major,
+                                       transpose_rowsparse)
 from minidress.nn.layers import avgpool_forward, maxpool_forward
 
 DTYPES = [np.float32, np.float64]
@@ -161,6 +162,30 @@ def test_pooling_equals_the_training_layers(rng, k, stride):
             np.testing.assert_allclose(out, ref, rtol=1e-13)   # the mean sums in another order
         else:
             assert np.array_equal(out, ref)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(2, 9), st.integers(2, 9),
+       st.sampled_from([(2, 2), (3, 1), (2, 1), (3, 3), (3, 2)]), st.booleans(), st.sampled_from(DTYPES),
+       st.integers(0, 2**16))
+def test_pooling_kernel_equals_its_reference_bit_for_bit(c, n, h, w, k_stride, average, dtype, seed):
+    """Every path of ``pool2d`` (the 2x2 stride-2 max, the general loop) against the NumPy rule,
+    with ties, NaNs and infinities in the windows."""
+    k, stride = k_stride
+    if h < k or w < k:
+        return
+    rng = np.random.default_rng(seed)
+    x = np.round(rng.standard_normal((c, n, h, w)) * 2).astype(dtype)
+    x[rng.random(x.shape) < 0.1] = np.nan
+    x[rng.random(x.shape) < 0.1] = np.inf
+    x[rng.random(x.shape) < 0.1] = -np.inf
+    ref = pool2d_reference(x, k, stride, average)
+    out = np.full(ref.shape, 7.0, dtype)
+    pool2d(x, k, stride, average, out)
+    assert np.array_equal(np.isnan(out), np.isnan(ref))
+    # bit for bit (the sign of a zero too) wherever the result is a number; a NaN's sign bit is
+    # the processor's choice
+    assert np.array_equal(out[~np.isnan(out)].view(np.uint8), ref[~np.isnan(ref)].view(np.uint8))
 
 
 def _has_avx2():

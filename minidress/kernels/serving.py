@@ -22,7 +22,7 @@ kernel equals its reference bit for bit (``tests/test_serving_kernels.py``).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, uint64
 
 from ..im2col import im2col_cnhw
 # noalias_njit lives in rowsparse (which serving imports, not the other way round)
@@ -161,53 +161,92 @@ def im2col_reference(x, kh, kw, stride, padding):
 
 
 @noalias_njit
-def im2col(x, kh, kw, stride, padding, out):
+def im2col(x, kh_in, kw_in, s_in, p_in, out):
     """Kernel of ``im2col_reference`` writing ``out [C*kh*kw, N*Ho*Wo]`` (which must not overlap
     ``x``); padding reads as 0.
 
     The input is first copied into a zero-padded buffer, so that the copy loop has no branch:
     output ``(r, b, oy, ox)`` reads ``xp[ci, b, oy*stride + i, ox*stride + j]``. Plain element
-    loops, not slice assignments: a slice costs an array view per output line (``Wo`` is often
-    8), which made an earlier version 4x slower than NumPy's strided copy at batch 32."""
+    loops over one row of input and output at a time, not slice assignments (a slice costs an
+    array view per output line, and ``Wo`` is often 8), with unsigned indices, which need no
+    wrap-around checks: 2-6x faster than signed ones at batch 32 (AMD EPYC, Zen 4; LeNet-5's
+    first layer 160 against 600 us), bit for bit the same copy."""
     c, n, h, w = x.shape
-    ho, wo = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
+    ho, wo = (h + 2 * p_in - kh_in) // s_in + 1, (w + 2 * p_in - kw_in) // s_in + 1
+    kh, kw, s, p = uint64(kh_in), uint64(kw_in), uint64(s_in), uint64(p_in)
     xp = x
-    if padding:
-        xp = np.zeros((c, n, h + 2 * padding, w + 2 * padding), x.dtype)
-        for ci in range(c):
-            for b in range(n):
-                for iy in range(h):
-                    for ix in range(w):
-                        xp[ci, b, iy + padding, ix + padding] = x[ci, b, iy, ix]
-    for ci in range(c):
+    if p_in:
+        xp = np.zeros((c, n, h + 2 * p_in, w + 2 * p_in), x.dtype)
+        for ci in range(uint64(c)):
+            for b in range(uint64(n)):
+                for iy in range(uint64(h)):
+                    src, dst = x[ci, b, iy], xp[ci, b, iy + p]
+                    for ix in range(uint64(w)):
+                        dst[ix + p] = src[ix]
+    hou, wou = uint64(ho), uint64(wo)
+    for ci in range(uint64(c)):
         for i in range(kh):
             for j in range(kw):
-                r = (ci * kh + i) * kw + j
-                for b in range(n):
-                    for oy in range(ho):
-                        base, iy = (b * ho + oy) * wo, oy * stride + i
-                        for ox in range(wo):
-                            out[r, base + ox] = xp[ci, b, iy, ox * stride + j]
+                row = out[(ci * kh + i) * kw + j]
+                for b in range(uint64(n)):
+                    for oy in range(hou):
+                        base, src = (b * hou + oy) * wou, xp[ci, b, oy * s + i]
+                        for ox in range(wou):
+                            row[base + ox] = src[ox * s + j]
+
+
+def pool2d_reference(x, k, stride, average):
+    """``pool2d``'s rule in NumPy: over each window of ``x [C, N, H, W]`` in row order, the max
+    takes an entry only if it is greater (``v > m``), and the mean adds from ``m - m`` and
+    divides in float64, as the kernel's ``t / (k * k)`` does; returns ``[C, N, Ho, Wo]``."""
+    ho, wo = (x.shape[2] - k) // stride + 1, (x.shape[3] - k) // stride + 1
+    window = [x[:, :, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+              for i in range(k) for j in range(k)]
+    m, total = window[0], window[0] - window[0]
+    for v in window:
+        total = total + v
+        m = np.where(v > m, v, m)
+    return (total / np.float64(k * k)).astype(x.dtype) if average else m
 
 
 @njit(cache=True)
-def pool2d(x, k, stride, average, out):
+def pool2d(x, k_in, s_in, average, out):
     """Max (or mean) over ``k x k`` windows of ``x [C, N, H, W]`` into ``out [C, N, Ho, Wo]``.
-    The max keeps the first of equal values, as ``argmax`` does in ``nn.layers.maxpool_forward``."""
+    The max keeps the first of equal values, as ``argmax`` does in ``nn.layers.maxpool_forward``
+    (and a NaN in the window's first place; a later NaN is never greater). The mean adds the
+    window in row order, from ``m - m`` (0, or NaN for an infinite first entry).
+
+    Unsigned indices, and the max as a select (``v if v > m else m``, the same comparison as a
+    branch), which vectorizes; 2x2 windows of stride 2 (every model's pooling) read the two
+    input rows of an output row: max-pooling 6-13x faster than the signed, branching loop at
+    batch 32 (Zen 4), bit for bit the same."""
     c, n, ho, wo = out.shape
-    for ci in range(c):
-        for b in range(n):
-            for oy in range(ho):
-                for ox in range(wo):
-                    m = x[ci, b, oy * stride, ox * stride]
-                    s = m - m
+    k, s, two = uint64(k_in), uint64(s_in), uint64(2)
+    for ci in range(uint64(c)):
+        for b in range(uint64(n)):
+            for oy in range(uint64(ho)):
+                o = out[ci, b, oy]
+                if k_in == 2 and s_in == 2 and not average:
+                    r0, r1 = x[ci, b, two * oy], x[ci, b, two * oy + uint64(1)]
+                    for ox in range(uint64(wo)):
+                        x0 = two * ox
+                        m, v = r0[x0], r0[x0 + uint64(1)]
+                        m = v if v > m else m
+                        v = r1[x0]
+                        m = v if v > m else m
+                        v = r1[x0 + uint64(1)]
+                        o[ox] = v if v > m else m
+                    continue
+                for ox in range(uint64(wo)):
+                    m = x[ci, b, oy * s, ox * s]
+                    t = m - m
                     for i in range(k):
+                        r = x[ci, b, oy * s + i]
                         for j in range(k):
-                            v = x[ci, b, oy * stride + i, ox * stride + j]
-                            s += v
-                            if v > m:
-                                m = v
-                    out[ci, b, oy, ox] = s / (k * k) if average else m
+                            v = r[ox * s + j]
+                            t += v
+                            m = v if v > m else m
+                    o[ox] = t / (k_in * k_in) if average else m
 
 
 def flatten_reference(x):
