@@ -76,10 +76,12 @@ def row_ranks(weight, importance_scores=None) -> np.ndarray:
     ranks : int32 ndarray [rows, row_len]
         Each row is a permutation of ``0..row_len-1``. Ties: lower column index first.
 
+    Notes
+    -----
     For float32 scores the rows are sorted as 64-bit integer keys, the score's order-preserving
     bit pattern above the column index: every key is distinct, so any sort gives the order of
-    the stable sort (``row_ranks_reference``, equal bit for bit; 2-3x faster on a 300x784 layer,
-    ``tests/test_masks.py``). Other dtypes take the reference.
+    the stable sort (``row_ranks_reference``; equal bit for bit, ``tests/test_masks.py``; 2.6-3.2x
+    faster, ``benchmarks/bench_switch.py`` section 2). Other dtypes take the reference.
     """
     s = _rows(weight, importance_scores)
     return _inverse_permutations(_distinct_keys_order(s) if s.dtype == np.float32 else _stable_order(s))

@@ -45,3 +45,16 @@ def test_the_blas_of_compiled_products_counts_as_a_source(tmp_path, monkeypatch)
     before = sources_digest(tmp_path)
     monkeypatch.setattr(_cache, "BACKEND", _cache.BACKEND + " (another)")
     assert sources_digest(tmp_path) != before
+
+
+def test_no_external_blas_call_where_no_guard_watches_the_cache(tmp_path):
+    """With ``NUMBA_CACHE_DIR`` set, Numba caches outside this package, where ``_cache`` cannot
+    drop code compiled for another BLAS: there compiled products use ``np.dot`` (a stale call to
+    a symbol another process never loaded would crash it)."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", "from minidress.kernels import blas; print(blas.BACKEND)"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "numba np.dot"

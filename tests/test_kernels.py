@@ -221,3 +221,9 @@ def test_compiled_gemm_is_numpys_product(m, k, n, dtype, contiguous, seed):
         assert np.array_equal(got, want)
     else:
         np.testing.assert_allclose(got, want, rtol=TOL[dtype] * 10, atol=TOL[dtype] * 10)
+
+
+@pytest.mark.parametrize("shapes", [((0, 3), (3, 4)), ((2, 0), (0, 4)), ((2, 3), (3, 0))])
+def test_compiled_gemm_of_empty_operands(shapes):
+    a, b = np.ones(shapes[0], np.float32), np.ones(shapes[1], np.float32)
+    assert np.array_equal(blas.gemm(a, b), a @ b)

@@ -12,11 +12,16 @@ function, so compiled code calls it by name and Numba's on-disk cache stays vali
 
 Where it is not found (a NumPy built against another BLAS, or JIT off), ``gemm`` is ``np.dot``
 as before. ``BACKEND`` names the choice; ``_cache`` counts it among the sources, so a cache
-compiled for one choice is never loaded under the other.
+compiled for one choice is never loaded under the other. That guard covers only the cache in
+this package's ``__pycache__``, so the external call is compiled only when Numba caches there:
+not with ``NUMBA_CACHE_DIR`` set, nor in a read-only install (Numba then caches in the user's
+directory, which no guard watches, and code calling a symbol that another process never
+loaded would crash it). One-sample products stay ``np.dot`` (a matrix-vector product).
 """
 from __future__ import annotations
 
 import ctypes
+import os
 from pathlib import Path
 
 import llvmlite.binding as llvm
@@ -32,7 +37,10 @@ ROW_MAJOR, NO_TRANS = 101, 111                     # CblasRowMajor, CblasNoTrans
 
 def _numpy_blas():
     """``(path, (sgemm name, dgemm name))`` of the BLAS that NumPy loaded, or None."""
-    if config.DISABLE_JIT:
+    here = Path(__file__).resolve().parent
+    in_tree_cache = not config.CACHE_DIR and os.access(here / "__pycache__" if (here / "__pycache__").exists()
+                                                       else here, os.W_OK)
+    if config.DISABLE_JIT or not in_tree_cache:
         return None
     try:
         home = Path(np.__file__).resolve().parent
@@ -52,10 +60,14 @@ def _numpy_blas():
 
 
 _found = _numpy_blas()
+if _found:
+    try:
+        llvm.load_library_permanently(_found[0])
+    except RuntimeError:           # llvmlite's error when the library cannot be loaded
+        _found = None
 BACKEND = f"numpy cblas ({_found[1][0]} in {Path(_found[0]).name})" if _found else "numba np.dot"
 
 if _found:
-    llvm.load_library_permanently(_found[0])
     _i64, _ptr = types.int64, types.voidptr
 
     def _declare(name, real):
@@ -66,8 +78,8 @@ if _found:
     @njit(cache=True, inline="always")
     def gemm(a, b):
         """``a [m, k] @ b [k, n]`` (C-contiguous, float32 or float64) by NumPy's BLAS."""
-        if not (a.flags.c_contiguous and b.flags.c_contiguous):
-            return np.dot(a, b)
+        if not (a.flags.c_contiguous and b.flags.c_contiguous) or a.size == 0 or b.size == 0:
+            return np.dot(a, b)         # strided, or empty (nothing for BLAS to do)
         m, k = a.shape
         n = b.shape[1]
         out = np.empty((m, n), a.dtype)

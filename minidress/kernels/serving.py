@@ -17,7 +17,7 @@ Two things make these faster than ``rowsparse.py``'s public functions on one sam
   overlap an input** of these kernels (every caller here passes a freshly allocated output).
 
 Exactness: fastmath stays off, so no multiply-add is fused and no addition reordered; each
-kernel equals its reference bit for bit (``tests/test_serving_kernels.py``).
+kernel equals its reference bit for bit (``tests/test_serving.py``).
 """
 from __future__ import annotations
 
@@ -202,19 +202,22 @@ def pool2d_reference(x, k, stride, average):
     ho, wo = (x.shape[2] - k) // stride + 1, (x.shape[3] - k) // stride + 1
     window = [x[:, :, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
               for i in range(k) for j in range(k)]
-    m, total = window[0], window[0] - window[0]
-    for v in window:
-        total = total + v
-        m = np.where(v > m, v, m)
-    return (total / np.float64(k * k)).astype(x.dtype) if average else m
+    with np.errstate(invalid="ignore"):          # inf - inf: NaN, as in the kernel, silently
+        m, total = window[0], window[0] - window[0]
+        for v in window:
+            total = total + v
+            m = np.where(v > m, v, m)
+        return (total / np.float64(k * k)).astype(x.dtype) if average else m
 
 
 @njit(cache=True)
 def pool2d(x, k_in, s_in, average, out):
     """Max (or mean) over ``k x k`` windows of ``x [C, N, H, W]`` into ``out [C, N, Ho, Wo]``.
-    The max keeps the first of equal values, as ``argmax`` does in ``nn.layers.maxpool_forward``
-    (and a NaN in the window's first place; a later NaN is never greater). The mean adds the
-    window in row order, from ``m - m`` (0, or NaN for an infinite first entry).
+    The max keeps the first of equal values, as ``argmax`` does in ``nn.layers.maxpool_forward``.
+    NaNs differ from training: a NaN in the window's first place is kept, a later one is never
+    greater and so skipped, while training's max-pool returns a NaN wherever its window holds
+    one. The mean adds the window in row order, from ``m - m`` (0, or NaN for an infinite first
+    entry).
 
     Unsigned indices, and the max as a select (``v if v > m else m``, the same comparison as a
     branch), which vectorizes; 2x2 windows of stride 2 (every model's pooling) read the two
