@@ -106,8 +106,10 @@ def _distinct_keys_order(scores):
 
 
 def _stable_order(scores):
-    """Columns of every row of ``scores [rows, n]``, most important first, ties in column order."""
-    return np.argsort(-scores, axis=1, kind="stable")
+    """Columns of every row of ``scores [rows, n]``, most important first, ties in column order:
+    the stable sort of ``-scores``, computed as a stable ascending sort of each reversed row,
+    reversed, so that no score is negated (``-`` wraps unsigned and the most negative integers)."""
+    return scores.shape[1] - 1 - np.argsort(scores[:, ::-1], axis=1, kind="stable")[:, ::-1]
 
 
 def _inverse_permutations(order):

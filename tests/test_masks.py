@@ -74,6 +74,16 @@ def rows_sorted_by_python(scores):
     return ranks
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int64, np.uint64])
+def test_integer_scores_rank_by_value_without_wrapping(dtype):
+    info = np.iinfo(dtype)
+    scores = np.array([[info.min, 0, 5, info.max, 5, info.min]], dtype)
+    want = rows_sorted_by_python(scores).tolist()        # Python ints: nothing wraps
+    assert want == ([[3, 4, 1, 0, 2, 5]] if info.min == 0 else [[4, 3, 1, 0, 2, 5]])
+    assert row_ranks(np.ones(scores.shape), importance_scores=scores).tolist() == want
+    assert row_ranks_reference(np.ones(scores.shape), importance_scores=scores).tolist() == want
+
+
 @settings(max_examples=80, deadline=None)
 @given(shape=st.tuples(st.integers(1, 7), st.integers(1, 300)), seed=st.integers(0, 2**16),
        dtype=st.sampled_from([np.float32, np.float64]), signed_scores=st.booleans())
