@@ -35,12 +35,17 @@ SYMBOLS = (("scipy_cblas_sgemm64_", "scipy_cblas_dgemm64_"), ("cblas_sgemm64_", 
 ROW_MAJOR, NO_TRANS = 101, 111                     # CblasRowMajor, CblasNoTrans
 
 
+def _numba_caches_in_package() -> bool:
+    """Whether Numba writes this package's cache into its own ``__pycache__`` (the one ``_cache``
+    guards): no ``NUMBA_CACHE_DIR``, and a writable package folder."""
+    here = Path(__file__).resolve().parent
+    pycache = here / "__pycache__"
+    return not config.CACHE_DIR and os.access(pycache if pycache.exists() else here, os.W_OK)
+
+
 def _numpy_blas():
     """``(path, (sgemm name, dgemm name))`` of the BLAS that NumPy loaded, or None."""
-    here = Path(__file__).resolve().parent
-    in_tree_cache = not config.CACHE_DIR and os.access(here / "__pycache__" if (here / "__pycache__").exists()
-                                                       else here, os.W_OK)
-    if config.DISABLE_JIT or not in_tree_cache:
+    if config.DISABLE_JIT or not _numba_caches_in_package():
         return None
     try:
         home = Path(np.__file__).resolve().parent
