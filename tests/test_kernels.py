@@ -202,6 +202,9 @@ def test_input_gradient_kernel_parallel_path_and_checks(rng, monkeypatch):
         rs.rowsparse_matmul_input_grad(values, cols, 50, dyt, 10)
 
 
+# The strided case compiles np.dot on a non-contiguous operand, which Numba warns is slower:
+# the point of that case, not a problem (the compiled model only passes contiguous arrays).
+@pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning")
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 40), st.integers(1, 60), st.integers(2, 300), st.sampled_from(DTYPES),
        st.booleans(), st.integers(0, 2**16))

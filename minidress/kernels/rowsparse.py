@@ -251,7 +251,10 @@ def rowsparse_matmul_grads_reference(values, cols, k, xt, dyt):
         ``dyt[r, :] . xt[cols[r, j], :]``, summed in a fixed order: eight interleaved partial
         sums (sample ``b`` goes to partial ``b mod 8``, the samples past the last multiple of
         eight to a ninth), combined as ``((p0+p1)+(p2+p3))+((p4+p5)+(p6+p7)) + tail``. This order
-        lets the kernel use SIMD over the batch without reordering any addition.
+        was chosen so that SIMD over the batch could keep it, eight partial sums to one vector;
+        Numba 0.68 compiles the kernel's loop to scalar code all the same (its assembly holds no
+        vector multiply), which is one reason training takes the values' gradient from one dense
+        BLAS product instead (``rowsparse_matmul_input_grad_reference``).
     """
     dxt = np.zeros(xt.shape, values.dtype)
     for r in range(values.shape[0]):
