@@ -17,7 +17,7 @@ interleaved rounds (``common.interleaved_medians``), one thread for every librar
 The header prints CPU, vector ISA, thread pools and the machine's load. Nothing is asserted:
 the end compares the measurements with the targets of issue 11.
 
-    python benchmarks/bench_serving.py                 # ~2 minutes
+    python benchmarks/bench_serving.py                 # ~3 minutes
     python benchmarks/bench_serving.py --quick         # fewer rounds and densities
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Time per training epoch: minidress vs PyTorch CPU on MNIST (MLP 784-300-100-10 and LeNet-5).
+"""Time per training epoch: minidress vs PyTorch CPU (MLP, LeNet-5, small CNN and ResNet on MNIST).
 
 Both frameworks get the same architecture (the torch model is translated layer by layer from the
 minidress one and starts from the same weights), the same pre-batched float32 arrays in the same
@@ -26,7 +26,7 @@ the range of the paired ratios. Nothing is asserted on the times.
 
 Usage (from the repository root)::
 
-    python benchmarks/bench_train.py                     # both models, full epochs, 3 repeats
+    python benchmarks/bench_train.py                     # all four models, full epochs, 3 repeats
     python benchmarks/bench_train.py --models mlp --repeats 5
     python benchmarks/bench_train.py --steps 100         # 100 steps per epoch, extrapolated
     python benchmarks/bench_train.py --quick             # smoke run: few steps, 1 repeat

@@ -11,7 +11,8 @@ and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference"
   copy of the values: no prefix any more. The rank order puts the largest entries first, so the
   row's max-abs is its first entry's and the small late entries (dense levels) lose most.
 * Symmetric grid ``[-qmax, qmax]``, round to nearest (ties to even); zero is exact.
-* Only the sparsified layers are quantized; the layers DRESS keeps dense (first and last),
+* Only the sparsified layers are quantized; the layers DRESS keeps dense (``dense_layers``: by
+  default the classifier and a first layer of short rows),
   biases and batch norms stay float, as they are few bytes and most sensitive.
 * Column indices are stored at rest as their **Lehmer code**, bit-packed with one width per
   position (``minidress.kernels.quantized.lehmer_widths``: entry ``j`` of a row is its position

@@ -26,7 +26,7 @@ request.
 Every innermost loop runs over one output row (``x``), zero-based over a slice, which the
 compiler turns into SIMD without ``fastmath`` (the weight gradient accumulates a vector of
 partial sums, one per ``x``, and adds them up at the end, so no reduction needs reassociating).
-The only copy is the zero padding of the input (``np.pad``, one copy of ``x``).
+The only copy is the zero padding of the input (``_pad``: one ``np.zeros`` and a slice copy of ``x``).
 
 Every loop here is serial: training runs one Numba thread (``TRAINING_THREADS``, measured
 below), and on a cold cache the ``parallel=True`` versions of these kernels took 4-6x as long to
