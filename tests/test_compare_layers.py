@@ -20,7 +20,7 @@ MODELS = {"mlp": lambda: mlp([30, 8, 7, 3], seed=0),
           "resnet": lambda: preact_resnet((1, 12, 12), widths=(4, 8, 8), seed=0)}
 
 
-@pytest.mark.parametrize("model,rule", itertools.product(MODELS, range(len(RULES))))
+@pytest.mark.parametrize("model,rule", list(itertools.product(MODELS, range(len(RULES)))))
 def test_peers_sparsify_the_layers_dress_sparsifies(model, rule):
     options = DressOptions(**RULES[rule])
     cfg = RunConfig(model="mlp", dress=options, quiet=True)

@@ -164,6 +164,9 @@ def test_pooling_equals_the_training_layers(rng, k, stride):
             assert np.array_equal(out, ref)
 
 
+# The inputs hold infinities on purpose: with the JIT off the kernel runs as NumPy scalars,
+# which warn on inf - inf where the compiled loop is silent; the results are compared all the same.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 3), st.integers(1, 3), st.integers(2, 9), st.integers(2, 9),
        st.sampled_from([(2, 2), (3, 1), (2, 1), (3, 3), (3, 2), (2, 3), (1, 2)]), st.booleans(), st.sampled_from(DTYPES),
