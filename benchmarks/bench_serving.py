@@ -12,7 +12,10 @@ density, one ``predict`` of
   density 1; im2col + BLAS for convs);
 * ``torch dense``: the same network in PyTorch (skipped if torch is not installed).
 
-Also the whole-model switch (``set_density`` between 0.1 and 0.5). Times are medians of
+Each model's header also prints the crossovers ``calibrate`` chose and, per sparse layer, which
+one-sample loop it chose (``matvec_t`` with vector gathers or ``matvec_t_no_gather``, the same
+numbers) with the two times it compared. Also the whole-model switch (``set_density`` between
+0.1 and 0.5). Times are medians of
 interleaved rounds (``common.interleaved_medians``), one thread for every library by default.
 The header prints CPU, vector ISA, thread pools and the machine's load. Nothing is asserted:
 the end compares the measurements with the targets of issue 11.
@@ -145,7 +148,7 @@ def main(argv=None):
         store = random_store(MODELS[name])
         t0 = time.perf_counter()
         auto = DeployedModel.from_store(store)
-        auto.calibrate()
+        report = auto.calibrate()
         sparse = DeployedModel.from_store(store, paths="sparse")
         dense = DeployedModel.from_store(store, "dense").set_density(1.0)
         tm = torch_model(store, torch) if torch else None
@@ -154,6 +157,9 @@ def main(argv=None):
         print("crossover prefix (one sample | batch), per layer: " + ", ".join(
             f"{p['name']} {auto._compiled.crossover[0, i]}|{auto._compiled.crossover[1, i]} of {p['row_len']}"
             for i, p in enumerate(auto._compiled.products)))
+        print("one-sample loop per sparse layer (calibrate: gathers | no gathers, us at the longest prefix): "
+              + ", ".join(f"{name} {'no gathers' if t[1] < t[0] else 'gathers'} ({1e6 * t[0]:.1f} | {1e6 * t[1]:.1f})"
+                          for name, t in ((n, r["gathers"]) for n, r in report.items() if "gathers" in r)))
         rng = np.random.default_rng(0)
         print("\n| batch | density | dress (us) | dress sparse (us) | numpy dense (us) | torch dense (us) "
               "| dress vs numpy | dress vs torch | sparse vs numpy |\n|---|---|---|---|---|---|---|---|---|")

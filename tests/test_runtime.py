@@ -6,6 +6,7 @@ import pytest
 from numba import config as numba_config
 from test_store import make_dress
 
+from minidress.kernels import program as prog
 from minidress.nn.metrics import macs
 from minidress.deploy.runtime import DeployedModel
 from minidress.deploy.store import Store
@@ -144,6 +145,33 @@ def test_dense_path_is_chosen_per_layer_and_density():
         state = deployed._plan_now[3]
         assert np.all((state[1] >= 0) == one_sample_dense) and np.all(state[2] < 0)
     assert deployed.memory_bytes()["parts"]["dense"] == sum(p["rows"] * p["row_len"] * 8 for p in net.products)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_either_one_sample_loop_gives_the_same_logits_and_calibration_picks_one(dtype):
+    """``matvec_t`` (vector gathers) and ``matvec_t_no_gather`` compute the same sums in the same
+    order: one sample's logits are equal bit for bit whichever a layer runs, and the
+    row-sparse kernels' (``paths="sparse"``) still calibrate which one to run, per layer."""
+    dress, meta = make_dress("mlp", (1, 8, 8), dtype, dense_first_last=False)
+    store = Store.from_dress(dress, "rank", meta)
+    deployed = DeployedModel.from_store(store, paths="sparse")
+    report = deployed.calibrate()
+    layers = deployed._compiled.layers
+    chosen = layers[:, prog.L_NO_GATHER].copy()
+    assert set(chosen.tolist()) <= {0, 1}
+    if not numba_config.DISABLE_JIT:
+        assert report and all(len(r["gathers"]) == 2 and min(r["gathers"]) > 0 for r in report.values())
+        assert all(bool(chosen[i]) == (r["gathers"][1] < r["gathers"][0])
+                   for i, r in zip(range(len(layers)), report.values()))
+    x = np.random.default_rng(3).standard_normal((1, 1, 8, 8)).astype(dtype)
+    for d in (1.0, 0.33, 0.04):
+        deployed.set_density(d)
+        outs = []
+        for loop in (0, 1):
+            layers[:, prog.L_NO_GATHER] = loop
+            outs.append(deployed.predict(x))
+        assert np.array_equal(outs[0], outs[1]), f"d={d}: the two one-sample loops differ"
+    layers[:, prog.L_NO_GATHER] = chosen
 
 
 def test_masked_matrices_are_bounded_and_rebuilt_after_being_dropped():

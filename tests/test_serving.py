@@ -3,6 +3,7 @@
 product equals the reference row-sparse products, and the batch-1 loop really uses vector
 gathers on x86-64 with AVX2."""
 import platform
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from minidress.kernels import program as prog
 from minidress.kernels import (rowsparse_conv2d_reference, rowsparse_matmul_reference,
                                rowsparse_matvec_reference)
 from minidress.kernels import serving
+from minidress.kernels.rowsparse import _NoAliasNoGatherCompiler
 from minidress.kernels.serving import (PAIRS_MAX_COLUMNS, _NoAliasCompiler, flatten, flatten_reference, im2col,
                                        im2col_reference, matmul_t, matmul_t_reference, matvec_t,
                                        matvec_t_reference, pool2d, pool2d_reference, to_feature_major,
@@ -34,10 +36,11 @@ def test_transposed_matvec_equals_its_reference_and_the_row_kernel_reference(p):
     vt, ct = transpose_rowsparse(values, cols)
     assert vt.flags.c_contiguous and vt.shape == (values.shape[1], rows) and ct.dtype == np.uint16
     x = rng.standard_normal(row_len).astype(dtype)
-    y = np.full(rows, np.nan, dtype)
-    matvec_t(vt, ct, k, x, y)
-    assert np.array_equal(y, matvec_t_reference(vt, ct, k, x))
-    assert np.array_equal(y, rowsparse_matvec_reference(values, cols, k, x))
+    for kernel in (matvec_t, serving.matvec_t_no_gather):   # gathers, and each entry loaded alone
+        y = np.full(rows, np.nan, dtype)
+        kernel(vt, ct, k, x, y)
+        assert np.array_equal(y, matvec_t_reference(vt, ct, k, x)), kernel.__name__
+        assert np.array_equal(y, rowsparse_matvec_reference(values, cols, k, x)), kernel.__name__
 
 
 @settings(max_examples=60, deadline=None)
@@ -202,8 +205,8 @@ def _has_avx2():
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not _has_avx2(), reason="needs x86-64 with AVX2")
 def test_batch1_loop_uses_vector_gathers():
     """The noalias compile of the transposed kernel emits gathers; without noalias it does not
-    (the reason the trick exists). A fresh, uncached compile, since numba cannot show the
-    assembly of cached code."""
+    (the reason the trick exists); ``matvec_t_no_gather`` emits none and is still vector code.
+    Fresh, uncached compiles, since numba cannot show the assembly of cached code."""
     vt = np.zeros((4, 64), np.float32)
     args = (vt, np.zeros((4, 64), np.uint16), 4, np.zeros(64, np.float32), np.zeros(64, np.float32))
     gathers = ("vgatherdps", "vpgatherdd", "vgatherqps", "vpgatherqd")
@@ -212,3 +215,10 @@ def test_batch1_loop_uses_vector_gathers():
         fn(*args)
         asm = "\n".join(fn.inspect_asm().values())
         assert any(g in asm for g in gathers) == expect, f"noalias={expect}: gathers {'not ' * expect}found"
+    # The variant without gathers is still vector code: packed multiplies on 256- or 512-bit
+    # registers, their inputs loaded one by one.
+    fn = njit(pipeline_class=_NoAliasNoGatherCompiler)(serving.matvec_t_no_gather.py_func)
+    fn(*args)
+    asm = "\n".join(fn.inspect_asm().values())
+    assert not any(g in asm for g in gathers), "matvec_t_no_gather: a gather instruction found"
+    assert re.search(r"vmulps\s[^\n]*%[yz]mm", asm), "matvec_t_no_gather: no packed multiply found"

@@ -67,7 +67,7 @@ class CompiledNet:
                            tuple(store.meta["model"]["input_shape"]))
         self.n_out = shape[0]
         self.code = np.array(self._code, np.int64).reshape(-1, 6)
-        self.layers = np.array(self._layers, np.int64).reshape(-1, 12)
+        self.layers = np.array(self._layers, np.int64).reshape(-1, prog.L_NO_GATHER + 1)
         self.params = np.concatenate(self._params).astype(self.dtype)
         self.index = np.concatenate(self._index or [np.zeros(0, self.index_dtype)])
         self.qvalues = np.concatenate(self._qvalues or [np.zeros(0, np.int8)])
@@ -179,7 +179,7 @@ class CompiledNet:
         bias = self.store.dense.get(f"{name}.bias")
         bias_off = -1 if bias is None else self._append("params", bias)
         self._layers.extend([rows, entry["row_len"], kh, kh, stride, pad, vt_off, ct_off, kmax, bias_off,
-                             bits, scale_off])
+                             bits, scale_off, 0])         # L_NO_GATHER: gathers until calibrated
         self._op(prog.OP_PRODUCT, len(self.products))
         self.products.append(entry)
         return rows, ho, wo
@@ -244,9 +244,13 @@ class CompiledNet:
 
     # -- choosing the faster path -----------------------------------------------------------------
     def calibrate(self, batch=32, seconds=0.001, rounds=7):
-        """Measure, per sparsified layer, the prefix length from which BLAS beats the kernel, for
-        one sample and for ``batch`` samples; stored in ``crossover``. Returns the timings
-        ``{layer name: {path: (t_kernel(k1), t_kernel(k2), t_blas, k1, k2)}}``."""
+        """Measure, per sparsified layer, which one-sample loop is faster, ``matvec_t`` (vector
+        gathers) or ``matvec_t_no_gather`` (the same numbers; stored in ``layers[:, L_NO_GATHER]``),
+        and with ``paths="auto"`` the prefix length from which BLAS beats the kernel, for one
+        sample and for ``batch`` samples (stored in ``crossover``). Returns the timings ``{layer
+        name: {"gathers": (t_matvec_t, t_no_gather), path: (t_kernel(k1), t_kernel(k2), t_blas,
+        k1, k2)}}`` (no path entries unless ``paths="auto"``, no "gathers" for a quantized
+        layer; the gathers timed at the longest prefix)."""
         report = {}
         for i, p in enumerate(self.products):
             rs = p["sparse"]
@@ -261,10 +265,18 @@ class CompiledNet:
                 x = np.ones(n * int(np.prod(p["input"])), self.dtype)
                 shape = (p["input"][0], n, p["input"][1], p["input"][2])
 
-                def timed(k, dense_off):
+                def timed(k, dense_off, layers=self.layers):
                     st = np.zeros((4, len(self.products)), np.int64)
                     st[0, i], st[1:3, i] = k, dense_off
-                    return lambda: prog.run_quantized(code, self.layers, self.params, self.index, self.qvalues, dense, st, x, shape)
+                    return lambda: prog.run_quantized(code, layers, self.params, self.index, self.qvalues, dense, st, x, shape)
+                if path == 0 and not getattr(rs, "bits", 0):     # a quantized layer has one loop
+                    no_gather = self.layers.copy()
+                    no_gather[i, prog.L_NO_GATHER] = 1
+                    t = _interleaved([timed(k2, -1), timed(k2, -1, no_gather)], seconds, rounds)
+                    self.layers[i, prog.L_NO_GATHER] = int(t[1] < t[0])
+                    report[p["name"]]["gathers"] = tuple(t)
+                if self.paths != "auto":
+                    continue
                 t = _interleaved([timed(k1, -1), timed(k2, -1), timed(k2, len(self.dense))], seconds, rounds)
                 slope = (t[1] - t[0]) / max(1, k2 - k1)
                 # first k at which the kernel's time (t0 + slope * (k - k1)) reaches BLAS's

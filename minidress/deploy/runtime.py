@@ -169,7 +169,7 @@ class DeployedModel:
             [p["row_len"] for p in compiled.products if p["sparse"] is not None]
         self.profile = None
         self._plans = {}
-        self._calibrated = compiled is None or compiled.paths != "auto"
+        self._calibrated = compiled is None or compiled.paths == "dense"
         self.set_density(max(store.levels))
         if net is not None:
             self.predict(np.zeros((1, *self.input_shape), self.dtype))     # learns conv output sizes
@@ -284,11 +284,12 @@ class DeployedModel:
         return state
 
     def calibrate(self, batch=32) -> dict:
-        """Time, per sparsified layer, the row-sparse kernel against BLAS for one sample and
-        for ``batch`` samples, and route every density's layers to the faster path from now on
-        (``paths="auto"``). Done automatically before the first ``predict``; call it again if
-        the machine changes. Returns the timings (``CompiledNet.calibrate``)."""
-        if self._compiled is None or self._compiled.paths != "auto":
+        """Time, per sparsified layer, the two one-sample loops (vector gathers or not: the same
+        numbers) and, with ``paths="auto"``, the row-sparse kernel against BLAS for one sample
+        and for ``batch`` samples, and use the faster from now on. Done automatically before the
+        first ``predict``; call it again if the machine changes. Returns the timings
+        (``CompiledNet.calibrate``)."""
+        if self._compiled is None or self._compiled.paths == "dense":
             return {}
         report = {} if numba_config.DISABLE_JIT else self._compiled.calibrate(batch)
         self._calibrated = True

@@ -14,11 +14,13 @@ Arrays
 ------
 code : int64 [n_ops, 6]
     One operation per row: ``code[i, 0]`` is the opcode (``OP_*`` below), the rest its operands.
-layers : int64 [n_products, 12]
+layers : int64 [n_products, 13]
     One Linear or Conv2d per row (``L_*`` columns): shape, kernel geometry, and the offsets of its
     transposed row-sparse arrays in ``params``/``index`` and of its bias in ``params``; for a
     quantized layer (``L_BITS`` 8 or 4, else 0) ``L_VT`` is the offset of its entries in
-    ``qvalues`` and ``L_SCALE`` that of its per-row scales in ``params``.
+    ``qvalues`` and ``L_SCALE`` that of its per-row scales in ``params``. ``L_NO_GATHER`` 1 runs
+    the layer's one-sample product as ``matvec_t_no_gather`` instead of ``matvec_t`` (the same
+    numbers; whichever measured faster on this machine, ``CompiledNet.calibrate``).
 params : float [P]
     The transposed values ``vt [kmax, rows]`` of every sparse layer, biases, batch-norm scales
     and shifts, one after the other.
@@ -49,7 +51,7 @@ from numba import njit
 
 from .blas import gemm
 from .quantized import qmatmul, qmatvec_t
-from .serving import flatten, im2col, matmul_t, matvec_t, pool2d, to_feature_major
+from .serving import flatten, im2col, matmul_t, matvec_t, matvec_t_no_gather, pool2d, to_feature_major
 
 # opcodes and their operands (code[i, 1:])
 OP_PRODUCT = 0      # layer row; its epilogue: offsets of a batch norm's scale and shift, C (0 = none),
@@ -65,7 +67,7 @@ OP_ADD = 8          # register: current + saved
 N_REGISTERS = 3
 
 # columns of the layers table
-L_ROWS, L_ROW_LEN, L_KH, L_KW, L_STRIDE, L_PAD, L_VT, L_CT, L_KMAX, L_BIAS, L_BITS, L_SCALE = range(12)
+L_ROWS, L_ROW_LEN, L_KH, L_KW, L_STRIDE, L_PAD, L_VT, L_CT, L_KMAX, L_BIAS, L_BITS, L_SCALE, L_NO_GATHER = range(13)
 
 
 @njit(cache=True, inline='always')
@@ -89,7 +91,7 @@ def _product(layer, k, dense_off, params, index, qvalues, dense, h, shape, scale
         y = np.empty(rows, h.dtype)
         vt = params[layer[L_VT]:layer[L_VT] + kmax * rows].reshape(kmax, rows)
         ct = index[layer[L_CT]:layer[L_CT] + kmax * rows].reshape(kmax, rows)
-        matvec_t(vt, ct, k, h, y)
+        _matvec(layer, vt, ct, k, h, y)
         return _epilogue(layer, params, y, rows, 1, scale, shift, relu), (rows, n, ho, wo)
     if pointwise:
         cols = h.reshape(row_len, m)                  # no im2col
@@ -114,10 +116,19 @@ def _product(layer, k, dense_off, params, index, qvalues, dense, h, shape, scale
         else:
             vt = params[layer[L_VT]:layer[L_VT] + kmax * rows].reshape(kmax, rows)
             if m == 1:                                # one sample: gathers across rows
-                matvec_t(vt, ct, k, cols.reshape(row_len), y)
+                _matvec(layer, vt, ct, k, cols.reshape(row_len), y)
             else:                                     # a batch: SIMD over the batch
                 matmul_t(vt, ct, k, cols, y.reshape(rows, m))
     return _epilogue(layer, params, y, rows, m, scale, shift, relu), (rows, n, ho, wo)
+
+
+@njit(cache=True, inline='always')
+def _matvec(layer, vt, ct, k, x, y):
+    """A one-sample product by the batch-1 loop the layer measured faster (``L_NO_GATHER``)."""
+    if layer.shape[0] > L_NO_GATHER and layer[L_NO_GATHER]:
+        matvec_t_no_gather(vt, ct, k, x, y)
+    else:
+        matvec_t(vt, ct, k, x, y)
 
 
 @njit(cache=True, inline='always')

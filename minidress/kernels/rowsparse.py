@@ -41,7 +41,10 @@ import time
 import numpy as np
 from numba import get_num_threads, njit, prange
 from numba.core import config as numba_config
-from numba.core.compiler import Compiler
+from numba.core import lowering, typed_passes
+from numba.core.compiler import Compiler, DefaultPassBuilder
+from numba.core.compiler_machinery import register_pass
+from numba.core.registry import cpu_target
 
 
 class _NoAliasCompiler(Compiler):
@@ -60,6 +63,60 @@ def noalias_njit(fn):
     """``njit(cache=True)`` promising LLVM that no two array arguments of ``fn`` overlap: the
     caller must never pass an output that overlaps an input."""
     return njit(cache=True, pipeline_class=_NoAliasCompiler)(fn)
+
+
+def no_gather_features():
+    """The target features Numba compiles for, plus LLVM's ``prefer-no-gather``, or None where
+    that does not apply (not x86-64 with AVX2, or Numba's codegen does not say its features).
+
+    With ``prefer-no-gather`` LLVM still vectorizes a loop that reads ``x[c[r]]``, but loads
+    each entry on its own and assembles the vector instead of issuing a gather instruction.
+    Which is faster depends on the processor: ``serving.matvec_t_no_gather`` is compiled so,
+    and the deployed model measures it against ``matvec_t`` per layer at load."""
+    codegen = cpu_target.target_context.codegen()
+    features = getattr(codegen, "_tm_features", None)     # what every Numba function gets
+    if not isinstance(features, str) or "+avx2" not in features.split(","):
+        return None
+    return features + ",+prefer-no-gather"
+
+
+class _NoGatherLower(lowering.Lower):
+    """Numba's lowering, with the function asked to compile under ``no_gather_features``: a
+    function's ``target-features`` attribute replaces the target's features for that function
+    alone, so nothing else Numba compiles in the process changes."""
+
+    def post_lower(self):
+        super().post_lower()
+        features = no_gather_features()
+        if features is not None:        # llvmlite's attribute set takes known names only: a
+            set.add(self.function.attributes, f'"target-features"="{features}"')    # string one
+
+
+@register_pass(mutates_CFG=True, analysis_only=False)
+class _NoGatherNativeLowering(typed_passes.NativeLowering):
+    _name = "minidress_no_gather_native_lowering"
+
+    @property
+    def lowering_class(self):
+        return _NoGatherLower
+
+
+class _NoAliasNoGatherCompiler(_NoAliasCompiler):
+    """``_NoAliasCompiler`` whose lowering asks for no gather instructions (``_NoGatherLower``)."""
+
+    def define_pipelines(self):
+        pm = DefaultPassBuilder.define_nopython_pipeline(self.state)
+        passes = [cls for cls, _ in pm.passes]
+        if typed_passes.NativeLowering in passes:      # else a Numba we do not know: gathers stay
+            i = passes.index(typed_passes.NativeLowering)
+            pm.passes[i] = (_NoGatherNativeLowering, pm.passes[i][1])
+            pm.finalize()
+        return [pm]
+
+
+def noalias_no_gather_njit(fn):
+    """``noalias_njit`` compiling ``fn`` without gather instructions (``no_gather_features``)."""
+    return njit(cache=True, pipeline_class=_NoAliasNoGatherCompiler)(fn)
 
 # Below this many multiply-adds a product runs on one thread: waking the thread pool costs a
 # few microseconds, more than the work it would share (on 2 cores: 300x784 at density 0.05,

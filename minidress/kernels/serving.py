@@ -15,6 +15,14 @@ Two things make these faster than ``rowsparse.py``'s public functions on one sam
   with the compiler flag ``noalias`` set, which marks every array argument ``noalias`` for LLVM.
   ``rowsparse.noalias_njit`` is the one place that does it. The price is a contract: **no output may
   overlap an input** of these kernels (every caller here passes a freshly allocated output).
+* **Gathers where they pay.** A gather instruction is not fast everywhere: on an AMD EPYC
+  (Zen 4) loading each entry on its own and assembling the vector was 1.1-1.2x faster than
+  ``vgatherdps`` (``benchmarks/gather_rate.c`` finds the same in C), while an Intel Xeon
+  gathered twice as fast as that AMD. So the batch-1 loop is compiled twice, as ``matvec_t``
+  (gathers, where the target has them) and ``matvec_t_no_gather`` (``rowsparse.
+  noalias_no_gather_njit``: the same loop, LLVM told to prefer no gathers); the deployed model
+  times both on each layer at load and runs the faster (``deploy.compiled.CompiledNet.calibrate``).
+  The two compute the same sums in the same order: the same numbers, bit for bit.
 
 Exactness: fastmath stays off, so no multiply-add is fused and no addition reordered; each
 kernel equals its reference bit for bit (``tests/test_serving.py``).
@@ -26,7 +34,8 @@ from numba import njit, uint64
 
 from ..im2col import im2col_cnhw
 # noalias_njit lives in rowsparse (which serving imports, not the other way round)
-from .rowsparse import _matmul_rows, _NoAliasCompiler, noalias_njit, rowsparse_matmul_reference  # noqa: F401
+from .rowsparse import (_matmul_rows, _NoAliasCompiler, noalias_njit, noalias_no_gather_njit,  # noqa: F401
+                        rowsparse_matmul_reference)
 
 
 def transpose_rowsparse(values, cols, index=np.uint16):
@@ -48,9 +57,10 @@ def matvec_t_reference(vt, ct, k, x):
     return y
 
 
-@noalias_njit
-def matvec_t(vt, ct, k, x, y):
-    """Kernel of ``matvec_t_reference`` writing ``y [rows]`` (which must not overlap the inputs).
+@njit(cache=True, inline='always')
+def _matvec_t_loop(vt, ct, k, x, y):
+    """The loop of ``matvec_t`` and ``matvec_t_no_gather``, inlined into each (at Numba's level,
+    before LLVM sees it), so that each compiles it under its own options.
 
     Four kept entries per pass over ``y``: a quarter of the loads and stores of ``y``, and the
     additions written out in their order, so the sums are those of one entry per pass."""
@@ -68,6 +78,20 @@ def matvec_t(vt, ct, k, x, y):
         v, c = vt[j], ct[j]
         for r in range(rows):
             y[r] += v[r] * x[c[r]]
+
+
+@noalias_njit
+def matvec_t(vt, ct, k, x, y):
+    """Kernel of ``matvec_t_reference`` writing ``y [rows]`` (which must not overlap the inputs),
+    with vector gathers where the target has them."""
+    _matvec_t_loop(vt, ct, k, x, y)
+
+
+@noalias_no_gather_njit
+def matvec_t_no_gather(vt, ct, k, x, y):
+    """``matvec_t`` compiled without gather instructions: every ``x[ct[j, r]]`` loaded on its
+    own into the vector (faster than a gather on some processors); the same numbers."""
+    _matvec_t_loop(vt, ct, k, x, y)
 
 
 # ---------------------------------------------------------------------------------------------
