@@ -161,8 +161,8 @@ def test_either_one_sample_loop_gives_the_same_logits_and_calibration_picks_one(
     assert set(chosen.tolist()) <= {0, 1}
     if not numba_config.DISABLE_JIT:
         assert report and all(len(r["gathers"]) == 2 and min(r["gathers"]) > 0 for r in report.values())
-        assert all(bool(chosen[i]) == (r["gathers"][1] < r["gathers"][0])
-                   for i, r in zip(range(len(layers)), report.values()))
+        index = {p["name"]: i for i, p in enumerate(deployed._compiled.products)}
+        assert all(bool(chosen[index[name]]) == (r["gathers"][1] < r["gathers"][0]) for name, r in report.items())
     x = np.random.default_rng(3).standard_normal((1, 1, 8, 8)).astype(dtype)
     for d in (1.0, 0.33, 0.04):
         deployed.set_density(d)
@@ -172,6 +172,17 @@ def test_either_one_sample_loop_gives_the_same_logits_and_calibration_picks_one(
             outs.append(deployed.predict(x))
         assert np.array_equal(outs[0], outs[1]), f"d={d}: the two one-sample loops differ"
     layers[:, prog.L_NO_GATHER] = chosen
+
+
+@pytest.mark.skipif(numba_config.DISABLE_JIT, reason="nothing is timed without the JIT")
+def test_only_layers_whose_one_sample_is_a_matrix_vector_product_time_the_two_loops():
+    """A conv with more than one output position runs the batched loop even for one sample:
+    timing "the two loops" there would time one loop twice and choose by noise."""
+    dress, meta = make_dress("cnn", (1, 8, 8), np.float32, dense_first_last=False)
+    deployed = DeployedModel.from_store(Store.from_dress(dress, "rank", meta), paths="sparse")
+    report = deployed.calibrate()
+    for p in deployed._compiled.products:
+        assert ("gathers" in report.get(p["name"], {})) == (p["sparse"] is not None and p["positions"] == 1), p["name"]
 
 
 def test_masked_matrices_are_bounded_and_rebuilt_after_being_dropped():

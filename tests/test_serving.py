@@ -18,7 +18,7 @@ from minidress.kernels import program as prog
 from minidress.kernels import (rowsparse_conv2d_reference, rowsparse_matmul_reference,
                                rowsparse_matvec_reference)
 from minidress.kernels import serving
-from minidress.kernels.rowsparse import _NoAliasNoGatherCompiler
+from minidress.kernels.rowsparse import _NoAliasNoGatherCompiler, no_gather_features
 from minidress.kernels.serving import (PAIRS_MAX_COLUMNS, _NoAliasCompiler, flatten, flatten_reference, im2col,
                                        im2col_reference, matmul_t, matmul_t_reference, matvec_t,
                                        matvec_t_reference, pool2d, pool2d_reference, to_feature_major,
@@ -216,7 +216,9 @@ def test_batch1_loop_uses_vector_gathers():
         asm = "\n".join(fn.inspect_asm().values())
         assert any(g in asm for g in gathers) == expect, f"noalias={expect}: gathers {'not ' * expect}found"
     # The variant without gathers is still vector code: packed multiplies on 256- or 512-bit
-    # registers, their inputs loaded one by one.
+    # registers, their inputs loaded one by one (where LLVM has the tuning that asks for it).
+    if no_gather_features() is None:
+        return
     fn = njit(pipeline_class=_NoAliasNoGatherCompiler)(serving.matvec_t_no_gather.py_func)
     fn(*args)
     asm = "\n".join(fn.inspect_asm().values())

@@ -249,8 +249,9 @@ class CompiledNet:
         and with ``paths="auto"`` the prefix length from which BLAS beats the kernel, for one
         sample and for ``batch`` samples (stored in ``crossover``). Returns the timings ``{layer
         name: {"gathers": (t_matvec_t, t_no_gather), path: (t_kernel(k1), t_kernel(k2), t_blas,
-        k1, k2)}}`` (no path entries unless ``paths="auto"``, no "gathers" for a quantized
-        layer; the gathers timed at the longest prefix)."""
+        k1, k2)}}`` (no path entries unless ``paths="auto"``; "gathers", timed at the longest
+        prefix, only for the layers whose one sample runs a matrix-vector product: not for a
+        quantized layer or a conv with more than one output position)."""
         report = {}
         for i, p in enumerate(self.products):
             rs = p["sparse"]
@@ -259,7 +260,8 @@ class CompiledNet:
             kmax = rs.values.shape[1]
             k1, k2 = max(1, kmax // 10), kmax
             code = np.array([[prog.OP_PRODUCT, i, 0, 0, 0, 0]], np.int64)
-            dense = np.concatenate([self.dense, rs.dense().ravel()])
+            # BLAS's matrix of this layer, only where BLAS is timed
+            dense = np.concatenate([self.dense, rs.dense().ravel()]) if self.paths == "auto" else self.dense
             report[p["name"]] = {}
             for path, n in ((0, 1), (1, batch)):
                 x = np.ones(n * int(np.prod(p["input"])), self.dtype)
@@ -269,7 +271,9 @@ class CompiledNet:
                     st = np.zeros((4, len(self.products)), np.int64)
                     st[0, i], st[1:3, i] = k, dense_off
                     return lambda: prog.run_quantized(code, layers, self.params, self.index, self.qvalues, dense, st, x, shape)
-                if path == 0 and not getattr(rs, "bits", 0):     # a quantized layer has one loop
+                # one sample of a Linear (or of a conv with one output position) runs one of
+                # _matvec's two loops; a quantized layer has a loop of its own
+                if path == 0 and p["positions"] == 1 and not getattr(rs, "bits", 0):
                     no_gather = self.layers.copy()
                     no_gather[i, prog.L_NO_GATHER] = 1
                     t = _interleaved([timed(k2, -1), timed(k2, -1, no_gather)], seconds, rounds)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from llvmlite import binding as llvm
 from numba import get_num_threads, njit, prange
 from numba.core import config as numba_config
 from numba.core import lowering, typed_passes
@@ -67,7 +68,8 @@ def noalias_njit(fn):
 
 def no_gather_features():
     """The target features Numba compiles for, plus LLVM's ``prefer-no-gather``, or None where
-    that does not apply (not x86-64 with AVX2, or Numba's codegen does not say its features).
+    that does not apply: not an x86-64 target, an LLVM older than 17 (which lacks the tuning),
+    or a Numba whose codegen does not say its features.
 
     With ``prefer-no-gather`` LLVM still vectorizes a loop that reads ``x[c[r]]``, but loads
     each entry on its own and assembles the vector instead of issuing a gather instruction.
@@ -75,9 +77,10 @@ def no_gather_features():
     and the deployed model measures it against ``matvec_t`` per layer at load."""
     codegen = cpu_target.target_context.codegen()
     features = getattr(codegen, "_tm_features", None)     # what every Numba function gets
-    if not isinstance(features, str) or "+avx2" not in features.split(","):
+    if not isinstance(features, str) or llvm.llvm_version_info < (17,) \
+            or not llvm.get_process_triple().startswith("x86_64"):
         return None
-    return features + ",+prefer-no-gather"
+    return (features + ",+prefer-no-gather").lstrip(",")     # "" (a generic CPU): the tuning alone
 
 
 class _NoGatherLower(lowering.Lower):
@@ -87,9 +90,11 @@ class _NoGatherLower(lowering.Lower):
 
     def post_lower(self):
         super().post_lower()
-        features = no_gather_features()
-        if features is not None:        # llvmlite's attribute set takes known names only: a
-            set.add(self.function.attributes, f'"target-features"="{features}"')    # string one
+        features, attributes = no_gather_features(), self.function.attributes
+        # llvmlite's attribute set takes known names only; a string attribute goes in as the set
+        # element it prints as. Anything unexpected: no attribute, the loop as matvec_t's.
+        if features is not None and isinstance(attributes, set):
+            set.add(attributes, f'"target-features"="{features}"')
 
 
 @register_pass(mutates_CFG=True, analysis_only=False)
