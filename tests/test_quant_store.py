@@ -14,8 +14,8 @@ from minidress.deploy.runtime import DeployedModel
 from minidress.deploy.store import Store
 from minidress.kernels.quantized import (column_bits, lehmer_decode, lehmer_encode, lehmer_widths, pack_bits,
                                          pack_codes, pack_int4, qmatmul, qmatmul_reference, qmatvec_t,
-                                         qmatvec_t_reference, qmax, quantize_rows, row_scales, unpack_bits,
-                                         unpack_codes, unpack_int4)
+                                         qmatvec_t_no_gather, qmatvec_t_reference, qmax, quantize_rows,
+                                         row_scales, unpack_bits, unpack_codes, unpack_int4)
 from test_checkpoint import resign
 from test_store import make_dress
 
@@ -34,9 +34,10 @@ def test_kernels_equal_their_references_bit_for_bit(rng, bits, dtype):
     x = rng.standard_normal(50).astype(dtype)
     xt = rng.standard_normal((50, 9)).astype(dtype)
     for k in (0, 1, 2, 7, 21):
-        y = np.empty(37, dtype)
-        qmatvec_t(qt, ct, scale, bits, k, x, y)
-        assert np.array_equal(y, qmatvec_t_reference(qt, ct, scale, bits, k, x))
+        for kernel in (qmatvec_t, qmatvec_t_no_gather):     # gathers, and each entry loaded alone
+            y = np.empty(37, dtype)
+            kernel(qt, ct, scale, bits, k, x, y)
+            assert np.array_equal(y, qmatvec_t_reference(qt, ct, scale, bits, k, x)), kernel.__name__
         yb = np.empty((37, 9), dtype)
         qmatmul(qt, ct, scale, bits, k, xt, yb)
         assert np.array_equal(yb, qmatmul_reference(qt, ct, scale, bits, k, xt))

@@ -251,7 +251,7 @@ class CompiledNet:
         name: {"gathers": (t_matvec_t, t_no_gather), path: (t_kernel(k1), t_kernel(k2), t_blas,
         k1, k2)}}`` (no path entries unless ``paths="auto"``; "gathers", timed at the longest
         prefix, only for the layers whose one sample runs a matrix-vector product: not for a
-        quantized layer or a conv with more than one output position)."""
+        conv with more than one output position)."""
         report = {}
         for i, p in enumerate(self.products):
             rs = p["sparse"]
@@ -271,9 +271,9 @@ class CompiledNet:
                     st = np.zeros((4, len(self.products)), np.int64)
                     st[0, i], st[1:3, i] = k, dense_off
                     return lambda: prog.run_quantized(code, layers, self.params, self.index, self.qvalues, dense, st, x, shape)
-                # one sample of a Linear (or of a conv with one output position) runs one of
-                # _matvec's two loops; a quantized layer has a loop of its own
-                if path == 0 and p["positions"] == 1 and not getattr(rs, "bits", 0):
+                # one sample of a Linear (or of a conv with one output position) runs one of two
+                # loops (program: _matvec, or the quantized pair)
+                if path == 0 and p["positions"] == 1:
                     no_gather = self.layers.copy()
                     no_gather[i, prog.L_NO_GATHER] = 1
                     t = _interleaved([timed(k2, -1), timed(k2, -1, no_gather)], seconds, rounds)

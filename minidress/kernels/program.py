@@ -19,8 +19,9 @@ layers : int64 [n_products, 13]
     transposed row-sparse arrays in ``params``/``index`` and of its bias in ``params``; for a
     quantized layer (``L_BITS`` 8 or 4, else 0) ``L_VT`` is the offset of its entries in
     ``qvalues`` and ``L_SCALE`` that of its per-row scales in ``params``. ``L_NO_GATHER`` 1 runs
-    the layer's one-sample product as ``matvec_t_no_gather`` instead of ``matvec_t`` (the same
-    numbers; whichever measured faster on this machine, ``CompiledNet.calibrate``).
+    the layer's one-sample product as ``matvec_t_no_gather`` instead of ``matvec_t``
+    (``qmatvec_t_no_gather`` for ``qmatvec_t``; the same numbers; whichever measured faster on
+    this machine, ``CompiledNet.calibrate``).
 params : float [P]
     The transposed values ``vt [kmax, rows]`` of every sparse layer, biases, batch-norm scales
     and shifts, one after the other.
@@ -50,7 +51,7 @@ import numpy as np
 from numba import njit
 
 from .blas import gemm
-from .quantized import qmatmul, qmatvec_t
+from .quantized import qmatmul, qmatvec_t, qmatvec_t_no_gather
 from .serving import flatten, im2col, matmul_t, matvec_t, matvec_t_no_gather, pool2d, to_feature_major
 
 # opcodes and their operands (code[i, 1:])
@@ -109,7 +110,9 @@ def _product(layer, k, dense_off, params, index, qvalues, dense, h, shape, scale
             nq = (kmax if bits == 8 else (kmax + 1) // 2) * rows
             qt = qvalues[layer[L_VT]:layer[L_VT] + nq].reshape(nq // rows, rows)
             qscale = params[layer[L_SCALE]:layer[L_SCALE] + rows]     # not the epilogue's scale
-            if m == 1:
+            if m == 1 and _no_gather(layer):
+                qmatvec_t_no_gather(qt, ct, qscale, bits, k, cols.reshape(row_len), y)
+            elif m == 1:
                 qmatvec_t(qt, ct, qscale, bits, k, cols.reshape(row_len), y)
             else:
                 qmatmul(qt, ct, qscale, bits, k, cols, y.reshape(rows, m))
@@ -125,10 +128,17 @@ def _product(layer, k, dense_off, params, index, qvalues, dense, h, shape, scale
 @njit(cache=True, inline='always')
 def _matvec(layer, vt, ct, k, x, y):
     """A one-sample product by the batch-1 loop the layer measured faster (``L_NO_GATHER``)."""
-    if layer.shape[0] > L_NO_GATHER and layer[L_NO_GATHER]:
+    if _no_gather(layer):
         matvec_t_no_gather(vt, ct, k, x, y)
     else:
         matvec_t(vt, ct, k, x, y)
+
+
+@njit(cache=True, inline='always')
+def _no_gather(layer):
+    """Whether the layer's one sample runs the loop without gathers (a table of fewer columns:
+    no)."""
+    return layer.shape[0] > L_NO_GATHER and layer[L_NO_GATHER] != 0
 
 
 @njit(cache=True, inline='always')

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .serving import noalias_njit
+from .serving import noalias_njit, noalias_no_gather_njit
 
 BITS = (8, 4)
 
@@ -198,12 +198,48 @@ def qmatvec_t(qt, ct, scale, bits, k, x, y):
         _qmatvec8(qt, ct, k, x, y)
     else:
         _qmatvec4(qt, ct, k, x, y)
+    _scale_rows(scale, y)
+
+
+@noalias_njit
+def qmatvec_t_no_gather(qt, ct, scale, bits, k, x, y):
+    """``qmatvec_t`` with its loops compiled without gather instructions, as
+    ``serving.matvec_t_no_gather``: the same numbers."""
+    if bits == 8:
+        _qmatvec8_no_gather(qt, ct, k, x, y)
+    else:
+        _qmatvec4_no_gather(qt, ct, k, x, y)
+    _scale_rows(scale, y)
+
+
+@njit(cache=True, inline="always")
+def _scale_rows(scale, y):
     for r in range(y.shape[0]):
-        y[r] *= x.dtype.type(scale[r])
+        y[r] *= y.dtype.type(scale[r])
 
 
 @noalias_njit
 def _qmatvec8(qt, ct, k, x, y):
+    _qmatvec8_loop(qt, ct, k, x, y)
+
+
+@noalias_no_gather_njit
+def _qmatvec8_no_gather(qt, ct, k, x, y):
+    _qmatvec8_loop(qt, ct, k, x, y)
+
+
+@noalias_njit
+def _qmatvec4(qt, ct, k, x, y):
+    _qmatvec4_loop(qt, ct, k, x, y)
+
+
+@noalias_no_gather_njit
+def _qmatvec4_no_gather(qt, ct, k, x, y):
+    _qmatvec4_loop(qt, ct, k, x, y)
+
+
+@njit(cache=True, inline="always")      # into each kernel above, compiled under its options
+def _qmatvec8_loop(qt, ct, k, x, y):
     t = x.dtype.type
     for r in range(y.shape[0]):
         y[r] = 0
@@ -220,8 +256,8 @@ def _qmatvec8(qt, ct, k, x, y):
             y[r] += t(q[r]) * x[c[r]]
 
 
-@noalias_njit
-def _qmatvec4(qt, ct, k, x, y):
+@njit(cache=True, inline="always")
+def _qmatvec4_loop(qt, ct, k, x, y):
     t = x.dtype.type
     for r in range(y.shape[0]):
         y[r] = 0
