@@ -157,7 +157,7 @@ def main(argv=None):
         print("crossover prefix (one sample | batch), per layer: " + ", ".join(
             f"{p['name']} {auto._compiled.crossover[0, i]}|{auto._compiled.crossover[1, i]} of {p['row_len']}"
             for i, p in enumerate(auto._compiled.products)))
-        print("one-sample loop per sparse layer (calibrate: gathers | no gathers, us at the longest prefix): "
+        print("one-sample loop per sparse layer (calibrate: gathers | no gathers, us at a tenth and all of the prefix): "
               + ", ".join(f"{name} {'no gathers' if t[1] < t[0] else 'gathers'} ({1e6 * t[0]:.1f} | {1e6 * t[1]:.1f})"
                           for name, t in ((n, r["gathers"]) for n, r in report.items() if "gathers" in r)))
         rng = np.random.default_rng(0)
