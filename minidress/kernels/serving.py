@@ -21,8 +21,8 @@ Two things make these faster than ``rowsparse.py``'s public functions on one sam
   gathered twice as fast as that AMD. So the batch-1 loop is compiled twice, as ``matvec_t``
   (gathers, where the target has them) and ``matvec_t_no_gather`` (``rowsparse.
   noalias_no_gather_njit``: the same loop, LLVM told to prefer no gathers); the deployed model
-  times both on each layer before its first request and runs the faster
-  (``deploy.compiled.CompiledNet.calibrate``).
+  times both, on each layer whose one sample is a matrix-vector product, before its first
+  request and runs the faster (``deploy.compiled.CompiledNet.calibrate``).
   The two compute the same sums in the same order: the same numbers, bit for bit.
 
 Exactness: fastmath stays off, so no multiply-add is fused and no addition reordered; each
