@@ -194,51 +194,27 @@ def qmatvec_t(qt, ct, scale, bits, k, x, y):
     As ``serving.matvec_t``: the inner loop runs over consecutive rows (vector gathers), four
     kept entries per pass over ``y``, the additions written out in their order. One loop per bit
     width: with the width tested inside it, the int8 loop ran about 15% slower."""
-    if bits == 8:
-        _qmatvec8(qt, ct, k, x, y)
-    else:
-        _qmatvec4(qt, ct, k, x, y)
-    _scale_rows(scale, y)
+    _qmatvec_t_loops(qt, ct, scale, bits, k, x, y)
 
 
-@noalias_njit
+@noalias_no_gather_njit
 def qmatvec_t_no_gather(qt, ct, scale, bits, k, x, y):
     """``qmatvec_t`` with its loops compiled without gather instructions, as
     ``serving.matvec_t_no_gather``: the same numbers."""
+    _qmatvec_t_loops(qt, ct, scale, bits, k, x, y)
+
+
+@njit(cache=True, inline="always")      # into each kernel above, compiled under its options
+def _qmatvec_t_loops(qt, ct, scale, bits, k, x, y):
     if bits == 8:
-        _qmatvec8_no_gather(qt, ct, k, x, y)
+        _qmatvec8_loop(qt, ct, k, x, y)
     else:
-        _qmatvec4_no_gather(qt, ct, k, x, y)
-    _scale_rows(scale, y)
-
-
-@njit(cache=True, inline="always")
-def _scale_rows(scale, y):
+        _qmatvec4_loop(qt, ct, k, x, y)
     for r in range(y.shape[0]):
         y[r] *= y.dtype.type(scale[r])
 
 
-@noalias_njit
-def _qmatvec8(qt, ct, k, x, y):
-    _qmatvec8_loop(qt, ct, k, x, y)
-
-
-@noalias_no_gather_njit
-def _qmatvec8_no_gather(qt, ct, k, x, y):
-    _qmatvec8_loop(qt, ct, k, x, y)
-
-
-@noalias_njit
-def _qmatvec4(qt, ct, k, x, y):
-    _qmatvec4_loop(qt, ct, k, x, y)
-
-
-@noalias_no_gather_njit
-def _qmatvec4_no_gather(qt, ct, k, x, y):
-    _qmatvec4_loop(qt, ct, k, x, y)
-
-
-@njit(cache=True, inline="always")      # into each kernel above, compiled under its options
+@njit(cache=True, inline="always")
 def _qmatvec8_loop(qt, ct, k, x, y):
     t = x.dtype.type
     for r in range(y.shape[0]):

@@ -74,7 +74,7 @@ def no_gather_features():
     With ``prefer-no-gather`` LLVM still vectorizes a loop that reads ``x[c[r]]``, but loads
     each entry on its own and assembles the vector instead of issuing a gather instruction.
     Which is faster depends on the processor: ``serving.matvec_t_no_gather`` is compiled so,
-    and the deployed model measures it against ``matvec_t`` per layer at load."""
+    and the deployed model measures it against ``matvec_t`` per layer before its first request."""
     codegen = cpu_target.target_context.codegen()
     features = getattr(codegen, "_tm_features", None)     # what every Numba function gets
     if not isinstance(features, str) or llvm.llvm_version_info < (17,) \
